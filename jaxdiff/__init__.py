@@ -1,0 +1,1 @@
+"""jaxdiff: a JAX-functional toolkit for diffusion models."""
