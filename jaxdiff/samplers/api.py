@@ -1,0 +1,133 @@
+"""``jaxdiff.sample``: the convenience entry point (validates, builds the grid, jits, checks NaN)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff._checks import NonFiniteError, check_positive_int, fail, is_concrete
+from jaxdiff.denoiser import Denoiser
+from jaxdiff.samplers.base import Sampler, per_example_normal, solve
+from jaxdiff.samplers.classic import ddim
+from jaxdiff.samplers.grids import check_grid, time_grid
+from jaxdiff.schedules import Schedule
+
+__all__ = ["sample", "prior_sample"]
+
+
+def prior_sample(key, schedule: Schedule, shape, dtype=None):
+    """``x_T ~ N(0, prior_std^2 I)`` of ``shape = (batch, *event)``; row ``i`` depends only on
+    ``(key, i)`` so samples do not change with the batch size."""
+    dtype = dtype or jnp.result_type(float)
+    z = per_example_normal(key, jnp.zeros(shape, dtype))
+    return schedule.prior_std().astype(dtype) * z
+
+
+def _run(key, model, params, schedule, x_T, ts, sampler, cond, final_denoise):
+    x, info = solve(key, model, params, schedule, x_T, ts, sampler, cond)
+    if final_denoise:
+        x, _ = model.x0_eps(params, x, ts[-1], cond, schedule)
+        info = info._replace(nfe=info.nfe + 1)
+    return x, info
+
+
+_run_jit = jax.jit(_run, static_argnames=("final_denoise",))
+
+
+def sample(
+    key,
+    model: Denoiser,
+    params,
+    schedule: Schedule,
+    x_T_or_shape,
+    sampler: Sampler | None = None,
+    steps: int | None = None,
+    *,
+    ts=None,
+    cond=None,
+    grid: str | None = None,
+    t_start=None,
+    t_end=None,
+    final_denoise: bool = False,
+    return_info: bool = False,
+    check_finite: bool = True,
+    dtype=None,
+):
+    """Draw samples by running ``sampler`` from noise at ``t_start`` down to ``t_end``.
+
+    Args:
+      key: PRNG key. Split into a key for the prior draw and one for the sampler's noise.
+      model: a :class:`~jaxdiff.denoiser.Denoiser` ``(params, x, t, cond) -> prediction``.
+      params: the model's parameters.
+      schedule: the noise schedule the model was trained with.
+      x_T_or_shape: an initial state ``(batch, *event_shape)`` or a shape tuple; with a shape,
+        ``x_T`` is drawn from the schedule's prior (row ``i`` from ``fold_in(key, i)``).
+      sampler: a sampler from :mod:`jaxdiff.samplers` (default ``ddim()``).
+      steps: number of grid steps (builds a ``grid`` grid); or pass ``ts``.
+      ts: an explicit decreasing grid ``(steps + 1,)``, overriding ``steps``/``grid``.
+      cond: condition passed to the model, batched like ``x``.
+      grid: ``"uniform" | "log_snr" | "quadratic" | "karras"`` (default: the sampler's).
+      t_start, t_end: grid endpoints (default: the schedule's).
+      final_denoise: return ``x0_hat(x_end, t_end)`` (one more model evaluation).
+      return_info: also return a :class:`~jaxdiff.samplers.base.SampleInfo`.
+      check_finite: raise :class:`~jaxdiff.NonFiniteError` if the result holds NaN/inf.
+    Returns:
+      ``x_end`` shaped ``(batch, *event_shape)``, or ``(x_end, info)`` with ``return_info``.
+
+    This function jits internally (compiled once per model/sampler structure, shape and step
+    count; numbers such as ``eta``, grid values and params never recompile). Called with traced
+    arguments (inside the user's ``jit``/``vmap``/``grad``) it skips jit and host-side checks.
+    """
+    sampler = ddim() if sampler is None else sampler
+    if not isinstance(model, Denoiser):
+        fail("model", model, "a jaxdiff Denoiser (see jaxdiff.models.as_denoiser)")
+    if not isinstance(sampler, Sampler):
+        fail("sampler", sampler, "a jaxdiff sampler, e.g. jaxdiff.samplers.ddim()")
+    if not isinstance(schedule, Schedule):
+        fail("schedule", schedule, "a jaxdiff schedule, e.g. jaxdiff.schedules.vp_linear()")
+    k_prior, k_run = jax.random.split(key)
+    if isinstance(x_T_or_shape, tuple | list):
+        shape = tuple(int(s) for s in x_T_or_shape)
+        model.check_x(np.zeros(shape, np.float32), "shape")
+        x_T = prior_sample(k_prior, schedule, shape, dtype)
+    else:
+        x_T = jnp.asarray(x_T_or_shape)
+        model.check_x(x_T, "x_T")
+    if ts is None:
+        if steps is None:
+            fail("steps", steps, "an integer >= 1 (or pass ts=...)")
+        steps = check_positive_int("steps", steps, max(1, sampler.min_steps))
+        ts = time_grid(
+            schedule,
+            steps,
+            grid or sampler.default_grid,
+            t_start=t_start,
+            t_end=t_end,
+            dtype=x_T.dtype,
+        )
+    else:
+        ts = check_grid(ts, schedule, "ts", max(1, sampler.min_steps))
+    if cond is not None and is_concrete(cond):
+        for leaf in jax.tree_util.tree_leaves(cond):
+            if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != x_T.shape[0]:
+                fail(
+                    "cond",
+                    f"shape {jnp.shape(leaf)}",
+                    f"a leading batch axis of size {x_T.shape[0]}",
+                )
+
+    traced = not is_concrete(key, params, x_T, ts, cond, sampler, schedule, model)
+    run = _run if traced else _run_jit
+    x, info = run(k_run, model, params, schedule, x_T, ts, sampler, cond, final_denoise)
+    if check_finite and not traced:
+        bad = int(info.first_nonfinite_step)
+        if bad >= 0 or not bool(jnp.all(jnp.isfinite(x))):
+            where = ""
+            if 0 <= bad < ts.shape[0] - 1:
+                where = f" at step {bad} of {ts.shape[0] - 1} (t={float(ts[bad]):g} -> {float(ts[bad + 1]):g})"
+            raise NonFiniteError(
+                f"sample: {sampler.name} produced non-finite values{where}; check the model's "
+                "output, the time range (t_start/t_end) and the dtype"
+            )
+    return (x, info) if return_info else x

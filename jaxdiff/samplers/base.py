@@ -1,0 +1,131 @@
+"""Sampler contract and the one scan driver that runs every fixed-grid sampler.
+
+A sampler is a small pytree (its numbers, e.g. ``eta``, are leaves, so sweeping them never
+recompiles). ``sampler.kernel(model, schedule)`` binds it to a model and returns a
+:class:`Kernel` of pure functions, in the style of blackjax / diffrax::
+
+    state = kernel.init(x_T, params, cond)
+    state, info = kernel.step(key, state, t, t_next, params, cond)   # one interval s -> t
+    x = kernel.output(state)
+
+:func:`solve` runs a kernel as a ``lax.scan`` over a time grid (any spacing); samplers that own
+their whole solve (diffrax with adaptive steps) override :meth:`Sampler.solve`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxdiff.denoiser import Denoiser
+from jaxdiff.schedules import Schedule
+
+__all__ = ["Kernel", "Sampler", "SampleInfo", "solve", "per_example_normal"]
+
+
+class Kernel(NamedTuple):
+    """A sampler bound to a model and schedule: three pure functions."""
+
+    init: Callable[..., Any]
+    step: Callable[..., tuple[Any, dict]]
+    output: Callable[[Any], jax.Array]
+
+
+class SampleInfo(NamedTuple):
+    """Diagnostics of one solve.
+
+    Attributes:
+      nfe: number of model evaluations (an int array).
+      first_nonfinite_step: index of the first step whose output had NaN/inf, or -1.
+      steps: per-step ``info`` dicts of the kernel, stacked over steps.
+    """
+
+    nfe: jax.Array
+    first_nonfinite_step: jax.Array
+    steps: Any
+
+
+class Sampler(struct.PyTreeNode):
+    """Base class of all samplers. Subclasses implement :meth:`kernel` (or :meth:`solve`).
+
+    Class attributes: ``nfe_per_step`` (model evaluations per grid step), ``min_steps`` (the
+    fewest grid steps the method accepts), ``stochastic`` (draws noise), ``default_grid``.
+    """
+
+    nfe_per_step = 1
+    min_steps = 1
+    stochastic = False
+    default_grid = "uniform"
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def kernel(self, model: Denoiser, schedule: Schedule) -> Kernel:
+        raise NotImplementedError
+
+    def solve(self, key, model, params, schedule, x_T, ts, cond=None):
+        """Run the sampler over grid ``ts``; returns ``(x_end, SampleInfo)``."""
+        return scan_solve(key, self, model, params, schedule, x_T, ts, cond)
+
+
+def per_example_normal(key, x):
+    """Standard normal noise shaped like ``x`` whose row ``i`` depends only on ``(key, i)``.
+
+    So a stochastic sampler gives example ``i`` the same noise whatever the batch size, and
+    ``vmap`` over keys gives independent paths.
+    """
+    idx = jnp.arange(x.shape[0])
+    draw = lambda i: jax.random.normal(jax.random.fold_in(key, i), x.shape[1:], x.dtype)  # noqa: E731
+    return jax.vmap(draw)(idx)
+
+
+def _all_finite(x):
+    return jnp.all(jnp.isfinite(x))
+
+
+def scan_solve(key, sampler: Sampler, model, params, schedule, x_T, ts, cond=None):
+    """The driver: ``lax.scan`` of ``kernel.step`` over consecutive grid points.
+
+    Step ``i`` goes from ``ts[i]`` to ``ts[i+1]`` and uses the key ``fold_in(key, i)``.
+    Returns ``(x_end, SampleInfo)``; x_end has the shape of ``x_T``.
+    """
+    kernel = sampler.kernel(model, schedule)
+    n = ts.shape[0] - 1
+    state = kernel.init(x_T, params, cond)
+
+    def body(carry, i):
+        state, bad = carry
+        state, info = kernel.step(jax.random.fold_in(key, i), state, ts[i], ts[i + 1], params, cond)
+        bad = jnp.where((bad < 0) & ~_all_finite(kernel.output(state)), i, bad)
+        return (state, bad), info
+
+    (state, bad), infos = jax.lax.scan(body, (state, jnp.asarray(-1)), jnp.arange(n))
+    nfe = jnp.asarray(n * sampler.nfe_per_step)
+    return kernel.output(state), SampleInfo(nfe, bad, infos)
+
+
+def solve(key, model: Denoiser, params, schedule: Schedule, x_T, ts, sampler: Sampler, cond=None):
+    """Pure, composable solve: run ``sampler`` from ``x_T`` at ``ts[0]`` down to ``ts[-1]``.
+
+    No validation, no ``jit``: use it inside your own ``jit`` / ``vmap`` / ``grad``. The
+    convenience entry point :func:`jaxdiff.sample` validates arguments, builds the grid, jits
+    and checks the result for NaN.
+
+    Args:
+      key: PRNG key (used by stochastic samplers only).
+      model: a :class:`~jaxdiff.denoiser.Denoiser`.
+      params: the model's parameters.
+      schedule: the noise schedule.
+      x_T: initial state, shape ``(batch, *event_shape)``.
+      ts: decreasing time grid, shape ``(steps + 1,)``.
+      sampler: a :class:`Sampler`.
+      cond: optional condition passed to the model.
+    Returns:
+      ``(x_end, info)`` with ``x_end`` shaped like ``x_T`` and ``info`` a :class:`SampleInfo`.
+    """
+    return sampler.solve(key, model, params, schedule, x_T, ts, cond)

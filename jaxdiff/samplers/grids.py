@@ -1,0 +1,94 @@
+"""Time grids for samplers: uniform in t, uniform in log-SNR, quadratic, Karras (EDM).
+
+A grid is a strictly decreasing 1-D array of ``steps + 1`` times from ``t_start`` (noisy) to
+``t_end`` (clean); every sampler takes any grid, so a grid is just data (it can be traced,
+optimised or written by hand). Formulas: ``shared/reference/samplers.md`` section 1.3.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff._checks import as_float_array, check_positive_int, fail, is_concrete
+from jaxdiff.schedules import Schedule
+
+__all__ = ["GRIDS", "time_grid", "check_grid"]
+
+GRIDS = ("uniform", "log_snr", "quadratic", "karras")
+
+
+def time_grid(
+    schedule: Schedule,
+    steps: int,
+    kind: str = "uniform",
+    *,
+    t_start=None,
+    t_end=None,
+    rho: float = 7.0,
+    dtype=None,
+):
+    """A decreasing grid of ``steps + 1`` times from ``t_start`` to ``t_end``.
+
+    Args:
+      schedule: the schedule (defines ``lambda(t)`` and its inverse).
+      steps: number of steps ``N >= 1`` (a Python int: it fixes the grid's shape).
+      kind: ``"uniform"`` (``t_i = T + (i/N)(eps - T)``), ``"log_snr"`` (uniform in
+        ``lambda = log(alpha/sigma)``; DPM-Solver's ``logSNR``, diffusers' ``use_lu_lambdas``),
+        ``"quadratic"`` (``t_i = (sqrt(T) + (i/N)(sqrt(eps) - sqrt(T)))^2``, DPM-Solver's
+        ``time_quadratic``) or ``"karras"`` (``sigma_tilde_i = (s_max^(1/rho) + (i/N)
+        (s_min^(1/rho) - s_max^(1/rho)))^rho`` with ``sigma_tilde = sigma/alpha``; Karras et al.
+        arXiv 2206.00364 eq. 5; it ends at ``sigma_tilde(eps)``, not at 0).
+      t_start, t_end: endpoints; default ``schedule.t_start`` / ``schedule.t_end``.
+      rho: the Karras exponent.
+    Returns:
+      Array of shape ``(steps + 1,)``, ``ts[0] = t_start > ... > ts[-1] = t_end``.
+    """
+    steps = check_positive_int("steps", steps)
+    if kind not in GRIDS:
+        fail("grid", kind, f"one of {GRIDS}")
+    t0 = as_float_array(schedule.t_start if t_start is None else t_start)
+    t1 = as_float_array(schedule.t_end if t_end is None else t_end)
+    if dtype is not None:
+        t0, t1 = t0.astype(dtype), t1.astype(dtype)
+    schedule.check_t(t0, "t_start")
+    schedule.check_t(t1, "t_end")
+    if is_concrete(t0, t1) and not float(t0) > float(t1):
+        fail(
+            "t_start",
+            float(t0),
+            f"a time greater than t_end={float(t1):g} (sampling runs noisy -> clean)",
+        )
+    u = jnp.linspace(0.0, 1.0, steps + 1, dtype=t0.dtype)
+    if kind == "uniform":
+        ts = t0 + u * (t1 - t0)
+    elif kind == "log_snr":
+        l0, l1 = schedule.lam(t0), schedule.lam(t1)
+        ts = schedule.t_from_lam(l0 + u * (l1 - l0))
+    elif kind == "quadratic":
+        ts = (jnp.sqrt(t0) + u * (jnp.sqrt(t1) - jnp.sqrt(t0))) ** 2
+    else:
+        s0, s1 = schedule.sigma_tilde(t0), schedule.sigma_tilde(t1)
+        r = 1.0 / rho
+        st = (s0**r + u * (s1**r - s0**r)) ** rho
+        ts = schedule.t_from_sigma_tilde(st)
+    # pin the endpoints exactly (inverse maps round off)
+    return ts.at[0].set(t0).at[-1].set(t1)
+
+
+def check_grid(ts, schedule: Schedule, arg: str = "ts", min_steps: int = 1):
+    """Validate a user grid: 1-D, at least ``min_steps + 1`` points, strictly decreasing, in range."""
+    shape = jnp.shape(ts)
+    if len(shape) != 1 or shape[0] < min_steps + 1:
+        fail(arg, f"shape {shape}", f"a 1-D array of at least {min_steps + 1} times")
+    if is_concrete(ts):
+        t = np.asarray(ts)
+        if not np.all(np.diff(t) < 0):
+            i = int(np.argmax(np.diff(t) >= 0))
+            fail(
+                arg,
+                ts,
+                f"strictly decreasing times (noisy -> clean); ts[{i}]={t[i]:g} <= ts[{i + 1}]={t[i + 1]:g}",
+            )
+        schedule.check_t(ts, arg)
+    return as_float_array(ts)
