@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["JaxdiffError", "NonFiniteError", "fail", "is_concrete"]
+__all__ = ["JaxdiffError", "NonFiniteError", "SolverError", "fail", "is_concrete"]
 
 
 class JaxdiffError(ValueError):
@@ -22,6 +22,10 @@ class JaxdiffError(ValueError):
 
 class NonFiniteError(FloatingPointError):
     """A computation produced NaN or inf; the message says where."""
+
+
+class SolverError(RuntimeError):
+    """An ODE/SDE solve did not finish (e.g. it hit ``max_steps``)."""
 
 
 def _short(value: Any) -> str:

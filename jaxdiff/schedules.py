@@ -85,6 +85,11 @@ class Schedule(struct.PyTreeNode):
         """Inverse of :meth:`lam`: the time whose half log-SNR is ``lam`` (exact)."""
         raise NotImplementedError
 
+    def kinks(self):
+        """Times where ``alpha``/``sigma`` are not smooth (adaptive ODE solvers step onto them),
+        or ``None``."""
+        return None
+
     @property
     def t_min(self) -> float:
         return 0.0
@@ -291,6 +296,10 @@ class VPDiscrete(Schedule):
         vals = jnp.asarray(self.log_alpha_knots, log_a.dtype)
         # log alpha is decreasing in t: interpolate on the reversed (increasing) table.
         return jnp.interp(log_a, vals[::-1], knots[::-1])
+
+    def kinks(self):
+        """The knots ``t = n/N`` of the piecewise-linear ``log alpha``."""
+        return self._knots()
 
     def alphas_cumprod(self):
         """``alpha_bar_n`` for ``n = 0..N-1`` (diffusers' ``alphas_cumprod``)."""

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff._checks import NonFiniteError, check_positive_int, fail, is_concrete
+from jaxdiff._checks import NonFiniteError, SolverError, check_positive_int, fail, is_concrete
 from jaxdiff.denoiser import Denoiser
 from jaxdiff.samplers.base import Sampler, per_example_normal, solve
 from jaxdiff.samplers.classic import ddim
@@ -120,6 +120,13 @@ def sample(
     traced = not is_concrete(key, params, x_T, ts, cond, sampler, schedule, model)
     run = _run if traced else _run_jit
     x, info = run(k_run, model, params, schedule, x_T, ts, sampler, cond, final_denoise)
+    if not traced and isinstance(info.steps, dict) and "solver_ok" in info.steps:
+        if not bool(info.steps["solver_ok"]):
+            raise SolverError(
+                f"sample: {sampler.name} did not reach t_end={float(ts[-1]):g} "
+                f"(diffrax stopped after {int(jnp.max(info.steps['num_steps']))} steps); raise "
+                "max_steps, loosen rtol/atol, or use fixed steps (adaptive=False)"
+            )
     if check_finite and not traced:
         bad = int(info.first_nonfinite_step)
         if bad >= 0 or not bool(jnp.all(jnp.isfinite(x))):

@@ -47,7 +47,7 @@ class DDIM(Sampler):
             x_next = a_t * x0 + jnp.sqrt(jnp.maximum(sig_t**2 - c**2, 0.0)) * eps
             if self.stochastic:
                 x_next = x_next + c * per_example_normal(key, x)
-            return x_next, {}
+            return x_next.astype(x.dtype), {}
 
         return Kernel(init, step, lambda x: x)
 
@@ -79,7 +79,7 @@ class DDPM(Sampler):
             one_m = -jnp.expm1(-2.0 * h)  # 1 - e^{-2h} = sigma_{s|t}^2 / sigma_s^2
             mean = (a_s / a_t) * (sig_t**2 / sig_s**2) * x + a_t * one_m * x0
             std = jnp.sqrt(one_m) * (sig_t if self.variance == "small" else sig_s)
-            return mean + std * per_example_normal(key, x), {}
+            return (mean + std * per_example_normal(key, x)).astype(x.dtype), {}
 
         return Kernel(init, step, lambda x: x)
 

@@ -54,9 +54,13 @@ def pf_ode_vector_field(model, params, schedule, x, t, cond=None):
     return f * x + (g2 / (2.0 * schedule.sigma(t))) * eps
 
 
-def _controller(adaptive, rtol, atol, ts):
+def _controller(adaptive, rtol, atol, ts, jump_ts=None):
     if adaptive:
-        return diffrax.PIDController(rtol=rtol, atol=atol), ts[1] - ts[0]
+        pid = diffrax.PIDController(rtol=rtol, atol=atol)
+        if jump_ts is not None:
+            # the vector field is not smooth there (e.g. the DDPM discrete schedule's knots)
+            pid = diffrax.ClipStepSizeController(pid, jump_ts=jump_ts)
+        return pid, ts[1] - ts[0]
     return diffrax.StepTo(ts=ts), None
 
 
@@ -90,7 +94,7 @@ class PFODE(Sampler):
             p, c = args
             return pf_ode_vector_field(model, p, schedule, y, t, c)
 
-        controller, dt0 = _controller(self.adaptive, self.rtol, self.atol, ts)
+        controller, dt0 = _controller(self.adaptive, self.rtol, self.atol, ts, schedule.kinks())
         sol = diffrax.diffeqsolve(
             diffrax.ODETerm(vf),
             self.solver,
@@ -102,11 +106,14 @@ class PFODE(Sampler):
             stepsize_controller=controller,
             max_steps=self.max_steps,
             adjoint=self.adjoint,
+            throw=False,
         )
         x = sol.ys[-1]
         nsteps = sol.stats["num_steps"]
         bad = jnp.where(jnp.all(jnp.isfinite(x)), -1, nsteps)
-        return x, SampleInfo(nsteps * _stages(self.solver), bad, {"num_steps": nsteps})
+        ok = sol.result == diffrax.RESULTS.successful
+        info = {"num_steps": nsteps, "solver_ok": ok}
+        return x, SampleInfo(nsteps * _stages(self.solver), bad, info)
 
 
 class ReverseSDE(Sampler):
@@ -146,7 +153,9 @@ class ReverseSDE(Sampler):
         def diffusion(u, y, args):
             return lineax.DiagonalLinearOperator(schedule.diffusion(-u) * jnp.ones_like(y))
 
-        controller, dt0 = _controller(self.adaptive, self.rtol, self.atol, us)
+        kinks = schedule.kinks()
+        kinks = None if kinks is None else -kinks
+        controller, dt0 = _controller(self.adaptive, self.rtol, self.atol, us, kinks)
 
         def one(i, y0, c):
             bm = diffrax.VirtualBrownianTree(
@@ -168,16 +177,19 @@ class ReverseSDE(Sampler):
                 args=(params, c),
                 stepsize_controller=controller,
                 max_steps=self.max_steps,
+                throw=False,
             )
-            return sol.ys[-1], sol.stats["num_steps"]
+            ok = sol.result == diffrax.RESULTS.successful
+            return sol.ys[-1], sol.stats["num_steps"], ok
 
         idx = jnp.arange(x_T.shape[0])
         if cond is None:
-            x, nsteps = jax.vmap(lambda i, y: one(i, y, None))(idx, x_T)
+            x, nsteps, ok = jax.vmap(lambda i, y: one(i, y, None))(idx, x_T)
         else:
-            x, nsteps = jax.vmap(one)(idx, x_T, cond)
+            x, nsteps, ok = jax.vmap(one)(idx, x_T, cond)
         bad = jnp.where(jnp.all(jnp.isfinite(x)), -1, jnp.max(nsteps))
-        return x, SampleInfo(jnp.max(nsteps) * _stages(self.solver), bad, {"num_steps": nsteps})
+        info = {"num_steps": nsteps, "solver_ok": jnp.all(ok)}
+        return x, SampleInfo(jnp.max(nsteps) * _stages(self.solver), bad, info)
 
 
 def pf_ode(
