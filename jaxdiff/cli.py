@@ -27,7 +27,7 @@ def _demo(args) -> int:
     data = dist.sample(k_data, args.num_data)
     schedule = schedules.vp_linear()
     net = models.MLPScoreNet(hidden=args.hidden, depth=3)
-    model, params = models.as_denoiser(net, k_init, data[:1], parametrization="eps")
+    model, params = models.as_denoiser(net, k_init, data[:1], parametrization="v")
     print(f"jaxdiff demo: {args.train_steps} training steps on an 8-component 2-D Gaussian mixture")
     params = train.fit(
         k_train,
@@ -35,9 +35,10 @@ def _demo(args) -> int:
         params,
         schedule,
         data,
-        optax.adam(args.lr),
+        optax.adam(optax.cosine_decay_schedule(args.lr, args.train_steps, alpha=0.05)),
         steps=args.train_steps,
         batch_size=args.batch_size,
+        ema_decay=0.995,
         progress=not args.no_progress,
     )
     n = args.num_samples
@@ -87,10 +88,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="jaxdiff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="train on a 2-D mixture, sample, write samples.png")
-    d.add_argument("--train-steps", type=int, default=4000)
+    d.add_argument("--train-steps", type=int, default=3000)
     d.add_argument("--batch-size", type=int, default=512)
     d.add_argument("--hidden", type=int, default=128)
-    d.add_argument("--lr", type=float, default=2e-3)
+    d.add_argument("--lr", type=float, default=3e-3)
     d.add_argument("--num-data", type=int, default=20000)
     d.add_argument("--num-samples", type=int, default=4000)
     d.add_argument("--seed", type=int, default=0)
