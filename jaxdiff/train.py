@@ -1,0 +1,420 @@
+"""Training: a pure optax train step with EMA, a fast chunked loop, and orbax checkpoints.
+
+:func:`make_step` builds ``step(state, key, data) -> (state, metrics)`` (pure, jit-able; the batch
+and the loss's randomness come from ``fold_in(key, state.step)``); :func:`train` / :func:`fit` run
+it as jitted chunks of ``log_every`` steps with a progress bar; :func:`save_checkpoint` /
+:func:`restore_checkpoint` write and read any pytree with orbax.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from jaxdiff._checks import NonFiniteError, check_positive_int, fail, is_concrete
+from jaxdiff.denoiser import Denoiser
+from jaxdiff.losses import dsm_loss
+from jaxdiff.schedules import Schedule
+
+__all__ = [
+    "TrainState",
+    "init",
+    "make_step",
+    "draw_batch",
+    "train",
+    "fit",
+    "save_checkpoint",
+    "restore_checkpoint",
+]
+
+
+class TrainState(struct.PyTreeNode):
+    """Training state, a pytree.
+
+    Attributes:
+      step: number of optimizer steps taken, int32 scalar.
+      params: the model's parameters.
+      opt_state: the optax optimizer state.
+      ema_params: exponential moving average of ``params`` (None when ``ema_decay == 0``).
+    """
+
+    step: Any
+    params: Any
+    opt_state: Any
+    ema_params: Any = None
+
+
+def _check_decay(ema_decay) -> None:
+    if is_concrete(ema_decay) and not 0.0 <= float(ema_decay) < 1.0:
+        fail("ema_decay", ema_decay, "a number in [0, 1) (0 disables the EMA)")
+
+
+def _no_ema(ema_decay) -> bool:
+    return is_concrete(ema_decay) and float(ema_decay) == 0.0
+
+
+def init(params, optimizer: optax.GradientTransformation, ema_decay=0.999) -> TrainState:
+    """A fresh :class:`TrainState`: ``step = 0``, ``opt_state = optimizer.init(params)``, and
+    ``ema_params = params`` (None when ``ema_decay == 0``)."""
+    _check_decay(ema_decay)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        ema_params=None if _no_ema(ema_decay) else params,
+    )
+
+
+def draw_batch(key, data, batch_size: int):
+    """Draw a training batch ``(x, cond)`` (``cond`` is None for unconditional data).
+
+    Args:
+      key: PRNG key.
+      data: an array ``(N, *event_shape)`` (rows drawn uniformly with replacement); a tuple
+        ``(x, cond)`` of such arrays (``cond`` a pytree with leading axis ``N``, rows drawn with
+        the same indices); or a function ``data(key, n)`` returning ``x`` or ``(x, cond)``.
+      batch_size: number of examples ``n``.
+    Returns:
+      ``(x, cond)`` with leading axis ``batch_size``.
+    """
+    if callable(data):
+        out = data(key, batch_size)
+        return tuple(out) if isinstance(out, tuple | list) else (out, None)
+    x, cond = data if isinstance(data, tuple | list) else (data, None)
+    idx = jax.random.randint(key, (batch_size,), 0, jnp.shape(x)[0])
+    take = lambda a: jnp.take(jnp.asarray(a), idx, axis=0)  # noqa: E731
+    return take(x), (None if cond is None else jax.tree.map(take, cond))
+
+
+def make_step(
+    model: Denoiser,
+    schedule: Schedule,
+    optimizer: optax.GradientTransformation,
+    *,
+    ema_decay=0.999,
+    loss_fn: Callable = dsm_loss,
+    batch_size: int,
+    **loss_kwargs,
+) -> Callable:
+    """Build a pure, jit-able train step ``step(state, key, data) -> (state, metrics)``.
+
+    Per call: ``k = fold_in(key, state.step)``; a batch is drawn with :func:`draw_batch`;
+    ``loss, g = value_and_grad(loss_fn)(params, k', model, schedule, x, cond, **loss_kwargs)``;
+    ``params <- optax.apply_updates(params, optimizer.update(g, opt_state, params))``; and the EMA
+    ``ema <- d ema + (1 - d) params`` (Polyak averaging as in Ho et al. arXiv 2006.11239, Song
+    et al. arXiv 2011.13456) with ``d = ema_decay``.
+
+    Args:
+      model, schedule: passed to ``loss_fn``.
+      optimizer: an optax gradient transformation.
+      ema_decay: EMA decay ``d`` in ``[0, 1)``; may be traced; 0 with a state made by
+        ``init(..., ema_decay=0)`` keeps no EMA.
+      loss_fn: ``loss_fn(params, key, model, schedule, x0, cond, **loss_kwargs) -> scalar``
+        (default :func:`jaxdiff.losses.dsm_loss`).
+      batch_size: examples per step.
+      **loss_kwargs: forwarded to ``loss_fn`` (weighting, target, cond_drop_prob, ...).
+    Returns:
+      ``step``; ``metrics = {"loss": scalar, "grad_norm": scalar}`` (loss before the update).
+    """
+    batch_size = check_positive_int("batch_size", batch_size)
+    _check_decay(ema_decay)
+
+    def step(state: TrainState, key, data):
+        k_data, k_loss = jax.random.split(jax.random.fold_in(key, state.step))
+        x, cond = draw_batch(k_data, data, batch_size)
+        loss, grads = jax.value_and_grad(loss_fn)(
+            state.params, k_loss, model, schedule, x, cond, **loss_kwargs
+        )
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        if state.ema_params is None:
+            if not _no_ema(ema_decay):
+                fail("ema_decay", ema_decay, "0 for a state made by init(..., ema_decay=0)")
+            ema = None
+        else:
+            ema = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+        return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    return step
+
+
+def _check_data(model: Denoiser, data, key, batch_size: int):
+    """Validate ``data`` against ``model.event_shape``; return it with arrays on the device."""
+    if callable(data):
+        try:
+            out = jax.eval_shape(lambda k: data(k, batch_size), key)
+        except Exception as e:  # the user's sampler does not run: report it at the boundary
+            fail(
+                "data", data, f"a function data(key, n) -> x or (x, cond) (calling it raised {e!r})"
+            )
+        x = out[0] if isinstance(out, tuple | list) else out
+        model.check_x(x, "data")
+        if x.shape[0] != batch_size:
+            fail("data", data, f"a function data(key, n) returning n={batch_size} rows")
+        return data
+    if isinstance(data, tuple | list):
+        if len(data) != 2:
+            fail("data", f"a {type(data).__name__} of length {len(data)}", "a pair (x, cond)")
+        x, cond = jax.tree.map(jnp.asarray, tuple(data))
+    elif hasattr(data, "shape"):
+        x, cond = jnp.asarray(data), None
+    else:
+        fail(
+            "data", data, "an array (N, *event_shape), a pair (x, cond) or a function data(key, n)"
+        )
+    model.check_x(x, "data")
+    n = x.shape[0]
+    if n < 1:
+        fail("data", f"shape {x.shape}", "at least one example")
+    if cond is not None:
+        for leaf in jax.tree.leaves(cond):
+            if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != n:
+                fail("data", f"cond of shape {jnp.shape(leaf)}", f"cond with leading axis {n}")
+        return x, cond
+    return x
+
+
+def _split_kwargs(kwargs):
+    """Split loss kwargs into hashable compile-time constants and traced pytrees (arrays)."""
+    static, dynamic = {}, {}
+    for k, v in kwargs.items():
+        is_array = isinstance(v, jax.Array | np.ndarray)
+        try:
+            hash(v)
+        except TypeError:
+            is_array = True
+        (dynamic if is_array else static)[k] = v
+    return tuple(sorted(static.items())), dynamic
+
+
+@functools.partial(
+    jax.jit, static_argnames=("optimizer", "batch_size", "ema_decay", "sampler", "static_kw")
+)
+def _train_chunk(
+    state, key, arrays, n, model, schedule, dynamic_kw, *, optimizer, batch_size, ema_decay,
+    sampler, static_kw,
+):  # fmt: skip
+    """``n`` (traced) train steps in one compiled loop; ``(state, mean loss, first bad step)``.
+
+    Module-level and keyed on hashable settings, so repeated :func:`train` calls with the same
+    model, optimizer and settings reuse the compiled loop."""
+    step_fn = make_step(
+        model,
+        schedule,
+        optimizer,
+        ema_decay=ema_decay,
+        batch_size=batch_size,
+        **dict(static_kw),
+        **dynamic_kw,
+    )
+    data = sampler if sampler is not None else arrays
+
+    def body(_, carry):
+        state, total, bad = carry
+        state_next, metrics = step_fn(state, key, data)
+        loss = metrics["loss"]
+        bad = jnp.where((bad < 0) & ~jnp.isfinite(loss), state.step, bad)
+        return state_next, total + loss, bad
+
+    total = jnp.zeros((), jnp.result_type(float))
+    state, total, bad = jax.lax.fori_loop(0, n, body, (state, total, jnp.int32(-1)))
+    return state, total / jnp.maximum(n, 1), bad
+
+
+def train(
+    key,
+    model: Denoiser,
+    params,
+    schedule: Schedule,
+    data,
+    optimizer: optax.GradientTransformation,
+    steps: int,
+    batch_size: int = 256,
+    ema_decay=0.999,
+    progress: bool = True,
+    log_every: int = 100,
+    **loss_kwargs,
+) -> tuple[TrainState, dict]:
+    """Train ``model`` for ``steps`` optimizer steps; return ``(state, history)``.
+
+    Runs :func:`make_step` in jitted chunks of ``log_every`` steps: one compiled ``lax`` loop
+    whose trip count is an argument, so the last, shorter chunk reuses it, and so do later calls
+    with the same model, optimizer and settings (jit's cache). Step ``i`` uses
+    ``fold_in(key, i)``, so the result depends only on ``key`` (bitwise, for a fixed backend),
+    not on ``log_every``.
+
+    Args:
+      key: PRNG key.
+      model: a :class:`~jaxdiff.denoiser.Denoiser`.
+      params: initial parameters, or a :class:`TrainState` to resume from (e.g. restored by
+        :func:`restore_checkpoint`): step ``i`` still uses ``fold_in(key, i)``, so an interrupted
+        and resumed run equals an uninterrupted one.
+      schedule: noise schedule.
+      data: an array ``(N, *event_shape)``, a pair ``(x, cond)`` or a function ``data(key, n)``
+        (see :func:`draw_batch`).
+      optimizer: an optax gradient transformation.
+      steps: number of optimizer steps to take (>= 1).
+      batch_size: examples per step (>= 1).
+      ema_decay: EMA decay in ``[0, 1)``; 0 disables the EMA.
+      progress: show a tqdm progress bar (loss and steps/s).
+      log_every: steps per chunk and per history entry.
+      **loss_kwargs: forwarded to the loss (``loss_fn=`` picks another loss).
+    Returns:
+      ``(TrainState, history)``; ``history`` has numpy arrays ``step`` (``state.step`` after each
+      chunk), ``loss`` (mean loss over the chunk), ``steps_per_s`` (compilation excluded) and
+      ``wall_s`` (seconds since the start, compilation included).
+    Raises:
+      JaxdiffError: bad ``steps``, ``batch_size``, ``log_every``, ``ema_decay`` or ``data``.
+      NonFiniteError: the loss became NaN/inf (the message names the first such step).
+    """
+    from tqdm.auto import tqdm
+
+    t_start = time.perf_counter()
+    steps = check_positive_int("steps", steps)
+    batch_size = check_positive_int("batch_size", batch_size)
+    log_every = check_positive_int("log_every", log_every)
+    if not isinstance(model, Denoiser):
+        fail("model", type(model).__name__, "a jaxdiff Denoiser (see jaxdiff.models.as_denoiser)")
+    arrays = _check_data(model, data, key, batch_size)
+    if isinstance(params, TrainState):  # resume: steps continue from params.step
+        state = params
+        _check_decay(ema_decay)
+        if (state.ema_params is None) != _no_ema(ema_decay):
+            fail("ema_decay", ema_decay, "0 exactly when the resumed state has no EMA params")
+    else:
+        state = init(params, optimizer, ema_decay)
+    first_step = int(np.asarray(state.step))
+    if is_concrete(ema_decay):
+        ema_decay = float(np.asarray(ema_decay))  # hashable: a compile-time constant
+    static_kw, dynamic_kw = _split_kwargs(loss_kwargs)
+    sampler, arrays = (arrays, None) if callable(arrays) else (None, arrays)
+    run = functools.partial(
+        _train_chunk,
+        model=model,
+        schedule=schedule,
+        dynamic_kw=dynamic_kw,
+        optimizer=optimizer,
+        batch_size=batch_size,
+        ema_decay=ema_decay,
+        sampler=sampler,
+        static_kw=static_kw,
+    )
+    # zero steps: compiles (or finds in jit's cache) the chunk, so steps/s excludes compilation
+    jax.block_until_ready(run(state, key, arrays, jnp.int32(0)))
+    hist = {"step": [], "loss": [], "steps_per_s": [], "wall_s": []}
+    with tqdm(total=steps, disable=not progress, desc="train", unit="step") as bar:
+        done = 0
+        while done < steps:
+            n = min(log_every, steps - done)
+            t0 = time.perf_counter()
+            state, loss, bad = run(state, key, arrays, jnp.int32(n))
+            loss, bad = float(loss), int(bad)
+            dt = time.perf_counter() - t0
+            done += n
+            if bad >= 0:
+                raise NonFiniteError(
+                    f"training loss is non-finite at step {bad}; lower the learning "
+                    "rate, check the data for NaN/inf, or narrow the time range (t_min/t_max)"
+                )
+            rate = n / dt
+            hist["step"].append(first_step + done)
+            hist["loss"].append(loss)
+            hist["steps_per_s"].append(rate)
+            hist["wall_s"].append(time.perf_counter() - t_start)
+            bar.set_postfix(loss=f"{loss:.4g}", steps_per_s=f"{rate:.0f}")
+            bar.update(n)
+    history = {
+        "step": np.asarray(hist["step"], np.int64),
+        "loss": np.asarray(hist["loss"], np.float64),
+        "steps_per_s": np.asarray(hist["steps_per_s"], np.float64),
+        "wall_s": np.asarray(hist["wall_s"], np.float64),
+    }
+    return state, history
+
+
+def fit(
+    key,
+    model: Denoiser,
+    params,
+    schedule: Schedule,
+    data,
+    optimizer: optax.GradientTransformation,
+    steps: int,
+    batch_size: int = 256,
+    ema_decay=0.999,
+    progress: bool = True,
+    log_every: int = 100,
+    **loss_kwargs,
+):
+    """:func:`train`, returning only the trained parameters: the EMA params, or the raw params
+    when ``ema_decay == 0``."""
+    state, _ = train(
+        key,
+        model,
+        params,
+        schedule,
+        data,
+        optimizer,
+        steps,
+        batch_size=batch_size,
+        ema_decay=ema_decay,
+        progress=progress,
+        log_every=log_every,
+        **loss_kwargs,
+    )
+    return state.params if state.ema_params is None else state.ema_params
+
+
+# ------------------------------------------------------------------------------------------
+# checkpoints
+# ------------------------------------------------------------------------------------------
+def save_checkpoint(path, state, step: int | None = None) -> str:
+    """Save a pytree (e.g. a :class:`TrainState`) under directory ``path``, in sub-directory
+    ``step`` (orbax ``CheckpointManager`` layout: one folder per step, so a preempted job
+    restarts from the latest complete one). ``step`` defaults to ``state.step`` (0 if absent);
+    an existing checkpoint of the same step is replaced. Returns the absolute ``path``."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(os.fspath(path))
+    if step is None:
+        step = int(np.asarray(getattr(state, "step", 0)))
+    step = check_positive_int("step", int(step) if np.ndim(step) == 0 else step, minimum=0)
+    with ocp.CheckpointManager(path) as mngr:
+        if step in mngr.all_steps():
+            mngr.delete(step)
+        mngr.save(step, args=ocp.args.StandardSave(state))
+        mngr.wait_until_finished()
+    return path
+
+
+def restore_checkpoint(path, target=None, step: int | None = None):
+    """Restore the checkpoint of ``step`` (default: the latest) saved by :func:`save_checkpoint`.
+
+    With ``target`` (a pytree of the same structure, e.g. a fresh :class:`TrainState` from
+    :func:`init`), the result has ``target``'s structure and dtypes; without it, orbax's raw nested
+    dicts/lists are returned."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(path):
+        fail("path", path, "a directory written by save_checkpoint")
+    with ocp.CheckpointManager(path) as mngr:
+        steps = mngr.all_steps()
+        if not steps:
+            fail("path", path, "a directory holding at least one checkpoint step")
+        if step is None:
+            step = mngr.latest_step()
+        elif step not in steps:
+            fail("step", step, f"one of the saved steps {sorted(steps)}")
+        args = ocp.args.StandardRestore() if target is None else ocp.args.StandardRestore(target)
+        return mngr.restore(step, args=args)
