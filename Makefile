@@ -28,7 +28,7 @@ format: setup
 test: setup lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 	$(PY) -m pytest -q --nbmake --nbmake-timeout=600 -p no:cacheprovider -o addopts="" notebooks
-	$(VENV)/bin/mkdocs build --strict --quiet --site-dir $(VENV)/site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir $(VENV)/site
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

@@ -337,3 +337,30 @@ def test_non_finite_result_names_the_step():
     # uniform grid: ts[5] = 0.5005, ts[6] = 0.4006 -> the first NaN comes from step 6
     with pytest.raises(NonFiniteError, match=r"step 6 of 10 \(t=0.4006"):
         jaxdiff.sample(jax.random.PRNGKey(0), model, None, sch, (4, 2), samplers.ddim(), 10)
+
+
+def test_x0_clipping_and_dynamic_thresholding():
+    sch = schedules.vp_linear()
+    model, params = analytic.as_denoiser(analytic.ring_mixture(radius=3.0), sch)
+    x = 3.0 * jax.random.normal(jax.random.PRNGKey(0), (64, 2))
+    t = jnp.full((64,), 0.3)
+    clipped = samplers.threshold_x0(model, sch, clip=1.0)
+    x0 = clipped(params, x, t)
+    raw, _ = model.x0_eps(params, x, t, None, sch)
+    np.testing.assert_allclose(x0, jnp.clip(raw, -1.0, 1.0), rtol=1e-6)
+    # eps is recomputed from the processed x0 (diffusers' use_clipped_model_output)
+    x0b, eps = clipped.x0_eps(params, x, t, None, sch)
+    a, s = sch.alpha_sigma(0.3)
+    np.testing.assert_allclose(eps, (x - a * x0b) / s, rtol=1e-5, atol=1e-5)
+    # dynamic thresholding against a direct numpy computation (Imagen, arXiv 2205.11487)
+    dyn = samplers.threshold_x0(model, sch, ratio=0.9, max_value=2.5)(params, x, t)
+    r = np.asarray(raw)
+    s_np = np.clip(np.quantile(np.abs(r), 0.9, axis=1), 1.0, 2.5)[:, None]
+    np.testing.assert_allclose(dyn, np.clip(r, -s_np, s_np) / s_np, rtol=1e-5, atol=1e-6)
+    # it is a model like any other: every sampler takes it, samples stay bounded
+    y = jaxdiff.sample(jax.random.PRNGKey(1), clipped, params, sch, (256, 2), samplers.ddim(), 10)
+    assert float(jnp.max(jnp.abs(y))) < 1.0 + 3 * float(sch.sigma(sch.t_end)) + 1e-3
+    with pytest.raises(JaxdiffError, match="ratio"):
+        samplers.threshold_x0(model, sch, ratio=1.5)
+    with pytest.raises(JaxdiffError, match="clip"):
+        samplers.threshold_x0(model, sch)

@@ -14,6 +14,7 @@ from jaxdiff.samplers.diffrax_bridge import (
     reverse_sde,
 )
 from jaxdiff.samplers.grids import GRIDS, check_grid, time_grid
+from jaxdiff.samplers.processing import ThresholdedDenoiser, dynamic_threshold, threshold_x0
 
 __all__ = [
     "DDIM",
@@ -36,4 +37,7 @@ __all__ = [
     "scan_solve",
     "solve",
     "time_grid",
+    "ThresholdedDenoiser",
+    "dynamic_threshold",
+    "threshold_x0",
 ]

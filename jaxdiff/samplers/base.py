@@ -4,9 +4,12 @@ A sampler is a small pytree (its numbers, e.g. ``eta``, are leaves, so sweeping 
 recompiles). ``sampler.kernel(model, schedule)`` binds it to a model and returns a
 :class:`Kernel` of pure functions, in the style of blackjax / diffrax::
 
-    state = kernel.init(x_T, params, cond)
+    state = kernel.init(x_T, params, cond, ts)       # ts: the whole grid (for order plans)
     state, info = kernel.step(key, state, t, t_next, params, cond)   # one interval s -> t
     x = kernel.output(state)
+
+Kernels compute coefficients in the dtype of the times (float32 or float64, whatever the model
+runs in) and keep the state in the dtype of ``x_T``.
 
 :func:`solve` runs a kernel as a ``lax.scan`` over a time grid (any spacing); samplers that own
 their whole solve (diffrax with adaptive steps) override :meth:`Sampler.solve`.
@@ -96,7 +99,7 @@ def scan_solve(key, sampler: Sampler, model, params, schedule, x_T, ts, cond=Non
     """
     kernel = sampler.kernel(model, schedule)
     n = ts.shape[0] - 1
-    state = kernel.init(x_T, params, cond)
+    state = kernel.init(x_T, params, cond, ts)
 
     def body(carry, i):
         state, bad = carry

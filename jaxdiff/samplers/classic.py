@@ -36,7 +36,7 @@ class DDIM(Sampler):
         return not (is_concrete(self.eta) and float(self.eta) == 0.0)
 
     def kernel(self, model, schedule):
-        def init(x, params, cond):
+        def init(x, params, cond, ts):
             return x
 
         def step(key, x, s, t, params, cond):
@@ -68,7 +68,7 @@ class DDPM(Sampler):
         if self.variance not in ("small", "large"):
             fail("variance", self.variance, "'small' or 'large'")
 
-        def init(x, params, cond):
+        def init(x, params, cond, ts):
             return x
 
         def step(key, x, s, t, params, cond):
