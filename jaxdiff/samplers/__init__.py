@@ -13,6 +13,7 @@ from jaxdiff.samplers.diffrax_bridge import (
     pf_ode_vector_field,
     reverse_sde,
 )
+from jaxdiff.samplers.grid_search import GridSearchResult, optimize_grid
 from jaxdiff.samplers.grids import GRIDS, check_grid, time_grid
 from jaxdiff.samplers.processing import ThresholdedDenoiser, dynamic_threshold, threshold_x0
 
@@ -40,4 +41,6 @@ __all__ = [
     "ThresholdedDenoiser",
     "dynamic_threshold",
     "threshold_x0",
+    "GridSearchResult",
+    "optimize_grid",
 ]
