@@ -4,7 +4,18 @@ Schedules, exact oracles, Flax score networks, optax training and samplers, as p
 over pytrees that compose with ``jit``, ``vmap`` and ``grad``.
 """
 
-from jaxdiff import analytic, data, losses, metrics, models, parametrize, samplers, schedules, train
+from jaxdiff import (
+    analytic,
+    data,
+    likelihood,
+    losses,
+    metrics,
+    models,
+    parametrize,
+    samplers,
+    schedules,
+    train,
+)
 from jaxdiff._checks import JaxdiffError, NonFiniteError, SolverError
 from jaxdiff.denoiser import Denoiser
 from jaxdiff.samplers import sample
@@ -18,6 +29,7 @@ __all__ = [
     "SolverError",
     "analytic",
     "data",
+    "likelihood",
     "losses",
     "metrics",
     "models",

@@ -1,11 +1,22 @@
-"""Samplers: time grids, one scan driver, DDPM/DDIM kernels and the diffrax bridge.
+"""Samplers: time grids, one scan driver, DDPM/DDIM, the exponential-integrator family
+(DPM-Solver, DPM-Solver++, UniPC, DEIS), EDM Heun/Euler, predictor-corrector, accelerated
+samplers, the diffrax bridge, x0 processing and time-grid search.
 
 Every sampler runs through :func:`jaxdiff.sample` (convenience) or :func:`solve` (pure).
 """
 
+from jaxdiff.samplers.accelerated import (
+    AcceleratedODE,
+    AcceleratedSDE,
+    VanillaSDE,
+    accelerated_ode,
+    accelerated_sde,
+    vanilla_sde,
+)
 from jaxdiff.samplers.api import prior_sample, sample
 from jaxdiff.samplers.base import Kernel, SampleInfo, Sampler, per_example_normal, scan_solve, solve
 from jaxdiff.samplers.classic import DDIM, DDPM, ddim, ddpm
+from jaxdiff.samplers.deis import DEIS, deis
 from jaxdiff.samplers.diffrax_bridge import (
     PFODE,
     ReverseSDE,
@@ -13,9 +24,20 @@ from jaxdiff.samplers.diffrax_bridge import (
     pf_ode_vector_field,
     reverse_sde,
 )
+from jaxdiff.samplers.dpm_solver import (
+    DPMSolver,
+    DPMSolverPP,
+    SDEDPMSolverPP,
+    dpm_solver,
+    dpm_solver_pp,
+    sde_dpm_solver_pp,
+)
+from jaxdiff.samplers.edm import EDMEuler, EDMHeun, euler, heun
 from jaxdiff.samplers.grid_search import GridSearchResult, optimize_grid
 from jaxdiff.samplers.grids import GRIDS, check_grid, time_grid
+from jaxdiff.samplers.pc import PredictorCorrector, predictor_corrector
 from jaxdiff.samplers.processing import ThresholdedDenoiser, dynamic_threshold, threshold_x0
+from jaxdiff.samplers.unipc import UniPC, unipc
 
 __all__ = [
     "DDIM",
@@ -43,4 +65,26 @@ __all__ = [
     "threshold_x0",
     "GridSearchResult",
     "optimize_grid",
+    "DEIS",
+    "deis",
+    "DPMSolver",
+    "DPMSolverPP",
+    "SDEDPMSolverPP",
+    "dpm_solver",
+    "dpm_solver_pp",
+    "sde_dpm_solver_pp",
+    "UniPC",
+    "unipc",
+    "AcceleratedODE",
+    "AcceleratedSDE",
+    "VanillaSDE",
+    "accelerated_ode",
+    "accelerated_sde",
+    "vanilla_sde",
+    "EDMEuler",
+    "EDMHeun",
+    "euler",
+    "heun",
+    "PredictorCorrector",
+    "predictor_corrector",
 ]
