@@ -1,7 +1,7 @@
 # jaxdiff: one command to set up and run the demo, one to set up and run the tests.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n 2
 
 .PHONY: setup demo test test-slow lint format docs docs-serve notebooks bench clean
 
@@ -31,7 +31,7 @@ test: setup lint
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir $(VENV)/site
 
 test-slow: setup
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -n 2 -m slow
 
 notebooks: setup
 	$(PY) -m pytest -q --nbmake --nbmake-timeout=600 -o addopts="" notebooks
