@@ -42,8 +42,9 @@ class Denoiser(struct.PyTreeNode):
         return self.apply(params, x, t, cond)
 
     def check_x(self, x, arg: str = "x") -> None:
-        """Raise if ``x`` is not ``(batch, *event_shape)`` (no-op when event_shape is None)."""
-        shape = tuple(jnp.shape(x))
+        """Raise if ``x`` (an array or a shape tuple) is not ``(batch, *event_shape)``; when
+        ``event_shape`` is None only the batch axis is required."""
+        shape = tuple(int(d) for d in x) if isinstance(x, tuple | list) else tuple(jnp.shape(x))
         if self.event_shape is None:
             if len(shape) < 2:
                 fail(arg, f"shape {shape}", "shape (batch, *event_shape) with a batch axis")

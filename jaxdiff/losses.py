@@ -36,6 +36,8 @@ def _time_range(schedule: Schedule, t_min, t_max):
     t_max = schedule.t_start if t_max is None else t_max
     schedule.check_t(t_min, "t_min")
     schedule.check_t(t_max, "t_max")
+    if is_concrete(t_min) and not float(np.asarray(t_min)) > float(schedule.t_min):
+        fail("t_min", t_min, f"a time above {float(schedule.t_min):g}, where sigma = 0")
     if is_concrete(t_min, t_max) and not float(np.asarray(t_min)) < float(np.asarray(t_max)):
         fail("t_min", t_min, f"a time below t_max={float(np.asarray(t_max)):g}")
     return as_float_array(t_min), as_float_array(t_max)
@@ -112,7 +114,7 @@ def loss_weight(
     for v on VP schedules):
 
     * ``"none"``: ``1`` (in the target space: the "simple" loss of Ho et al. arXiv 2006.11239).
-    * ``"snr"``: ``SNR`` (in the target space; for an eps target this is the x0 loss).
+    * ``"snr"``: ``SNR`` (in the target space; for an x0 target this is the eps "simple" loss).
     * ``"min_snr"``: ``min(SNR, gamma) / c^2`` (Min-SNR-gamma, Hang et al. arXiv 2303.09556:
       ``min(SNR, gamma)/SNR`` for eps, ``min(SNR, gamma)`` for x0, ``min(SNR, gamma)/(SNR + 1)``
       for v).

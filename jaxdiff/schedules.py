@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxdiff._checks import as_float_array, check_in_range, fail
+from jaxdiff._checks import as_float_array, check_in_range, fail, is_concrete
 
 __all__ = [
     "Schedule",
@@ -234,6 +234,11 @@ class VPCosine(Schedule):
     t_end: Any = 1e-3
     is_vp: ClassVar[bool] = True
 
+    @property
+    def t_max(self) -> float:
+        # lambda -> -inf and cos(.) rounds below 0 in float32 at t = 1
+        return 0.9999
+
     def _c0(self):
         return jnp.log(jnp.cos(self.s / (1.0 + self.s) * (math.pi / 2)))
 
@@ -397,8 +402,13 @@ class Flow(Schedule):
 # factories
 # ------------------------------------------------------------------------------------------
 def _check_pos(name, v):
-    if isinstance(v, int | float) and not v > 0:
+    if np.ndim(v) == 0 and is_concrete(v) and not float(v) > 0:
         fail(name, v, "a positive number")
+
+
+def _check_order(lo_name, lo, hi_name, hi):
+    if np.ndim(lo) == 0 and np.ndim(hi) == 0 and is_concrete(lo, hi) and not float(hi) > float(lo):
+        fail(hi_name, hi, f"a value greater than {lo_name}={float(lo):g}")
 
 
 def vp_linear(beta_min=0.1, beta_max=20.0, t_start=1.0, t_end=1e-3) -> VPLinear:
@@ -434,6 +444,7 @@ def ve(sigma_min=0.01, sigma_max=50.0, t_start=1.0, t_end=1e-5) -> VE:
     """VE schedule (score_sde defaults ``sigma_min=0.01``, ``sigma_max=50`` for CIFAR-10)."""
     _check_pos("sigma_min", sigma_min)
     _check_pos("sigma_max", sigma_max)
+    _check_order("sigma_min", sigma_min, "sigma_max", sigma_max)
     return VE(sigma_min=sigma_min, sigma_max=sigma_max, t_start=t_start, t_end=t_end)
 
 
@@ -441,6 +452,7 @@ def edm(sigma_min=0.002, sigma_max=80.0, rho=7.0, sigma_data=0.5) -> EDM:
     """EDM schedule: ``t = sigma``; defaults from Karras et al. (arXiv 2206.00364)."""
     _check_pos("sigma_min", sigma_min)
     _check_pos("sigma_max", sigma_max)
+    _check_order("sigma_min", sigma_min, "sigma_max", sigma_max)
     return EDM(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, sigma_data=sigma_data)
 
 

@@ -388,7 +388,9 @@ def save_checkpoint(path, state, step: int | None = None) -> str:
     path = os.path.abspath(os.fspath(path))
     if step is None:
         step = int(np.asarray(getattr(state, "step", 0)))
-    step = check_positive_int("step", int(step) if np.ndim(step) == 0 else step, minimum=0)
+    step = check_positive_int(
+        "step", step.item() if isinstance(step, np.ndarray | np.generic) else step, minimum=0
+    )
     with ocp.CheckpointManager(path) as mngr:
         if step in mngr.all_steps():
             mngr.delete(step)

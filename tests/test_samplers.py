@@ -364,3 +364,41 @@ def test_x0_clipping_and_dynamic_thresholding():
         samplers.threshold_x0(model, sch, ratio=1.5)
     with pytest.raises(JaxdiffError, match="clip"):
         samplers.threshold_x0(model, sch)
+
+
+def test_t_end_where_sigma_vanishes_is_rejected():
+    sch, model, params = _setup()
+    with pytest.raises(JaxdiffError, match="t_end"):
+        samplers.time_grid(sch, 4, "log_snr", t_end=0.0)
+    with pytest.raises(JaxdiffError, match="t_end"):
+        jaxdiff.sample(
+            jax.random.PRNGKey(0), model, params, sch, (4, 2), samplers.ddim(), 4, t_end=0.0
+        )
+    with pytest.raises(JaxdiffError, match="t_min"):
+        jaxdiff.losses.sample_times(jax.random.PRNGKey(0), sch, 5, "log_snr", t_min=0.0)
+
+
+def test_nfe_is_counted_for_wrapped_and_tableau_solvers():
+    sch, model, params = _setup()
+    _, info = jaxdiff.sample(
+        jax.random.PRNGKey(0),
+        model,
+        params,
+        sch,
+        (2, 2),
+        samplers.pf_ode(diffrax.Bosh3(), adaptive=False),
+        4,
+        return_info=True,
+    )
+    assert int(info.nfe) == 12
+    _, info = jaxdiff.sample(
+        jax.random.PRNGKey(0),
+        model,
+        params,
+        sch,
+        (2, 2),
+        samplers.pf_ode(diffrax.HalfSolver(diffrax.Heun()), rtol=1e-3, atol=1e-3),
+        4,
+        return_info=True,
+    )
+    assert int(info.nfe) > 0 and int(info.nfe) % 6 == 0

@@ -126,3 +126,16 @@ def test_bad_input():
         schedules.vp_linear().check_t(jnp.array([0.5, 1.5]))
     with pytest.raises(JaxdiffError, match="sigma_max"):
         schedules.edm(sigma_max=0.0)
+
+
+def test_bad_ranges_are_rejected():
+    with pytest.raises(JaxdiffError, match="sigma_max"):
+        schedules.ve(sigma_min=50.0, sigma_max=0.01)
+    with pytest.raises(JaxdiffError, match="sigma_max"):
+        schedules.edm(sigma_min=80.0, sigma_max=0.002)
+    with pytest.raises(JaxdiffError, match="sigma_min"):
+        schedules.ve(sigma_min=np.float32(0.0))
+    # lambda -> -inf at t = 1 for the cosine schedule: the range stops short of it
+    with pytest.raises(JaxdiffError, match="t="):
+        schedules.vp_cosine().check_t(1.0)
+    assert np.isfinite(float(schedules.vp_cosine().lam(schedules.vp_cosine().t_max)))

@@ -43,7 +43,16 @@ _STAGES = {
 
 
 def _stages(solver) -> int:
-    return _STAGES.get(type(solver).__name__, -1)
+    """Model evaluations per step of a diffrax solver; -1 when unknown (then ``nfe`` is -1)."""
+    name = type(solver).__name__
+    if name in _STAGES:
+        return _STAGES[name]
+    if name == "HalfSolver":  # one full step and two half steps
+        inner = _stages(solver.solver)
+        return -1 if inner < 0 else 3 * inner
+    tableau = getattr(solver, "tableau", None)
+    n = getattr(tableau, "num_stages", None)
+    return int(n) if n is not None else -1
 
 
 def pf_ode_vector_field(model, params, schedule, x, t, cond=None):
@@ -72,7 +81,9 @@ class PFODE(Sampler):
       adaptive: ``True``: PID step-size control with ``rtol``/``atol`` between the grid's ends
         (the grid's first step is the initial step guess); ``False``: exactly the grid.
       rtol, atol: tolerances (leaves: changing them does not recompile).
-      max_steps: diffrax's step cap (static).
+      max_steps: diffrax's step cap (static). With a discrete (DDPM) schedule the adaptive solve
+        steps onto every knot of ``log alpha`` inside the grid (1000 by default), so it takes at
+        least that many steps.
       adjoint: diffrax adjoint for ``jax.grad`` (default ``RecursiveCheckpointAdjoint``).
     """
 
@@ -113,7 +124,9 @@ class PFODE(Sampler):
         bad = jnp.where(jnp.all(jnp.isfinite(x)), -1, nsteps)
         ok = sol.result == diffrax.RESULTS.successful
         info = {"num_steps": nsteps, "solver_ok": ok}
-        return x, SampleInfo(nsteps * _stages(self.solver), bad, info)
+        stages = _stages(self.solver)
+        nfe = nsteps * stages if stages > 0 else jnp.asarray(-1)
+        return x, SampleInfo(nfe, bad, info)
 
 
 class ReverseSDE(Sampler):
@@ -189,7 +202,9 @@ class ReverseSDE(Sampler):
             x, nsteps, ok = jax.vmap(one)(idx, x_T, cond)
         bad = jnp.where(jnp.all(jnp.isfinite(x)), -1, jnp.max(nsteps))
         info = {"num_steps": nsteps, "solver_ok": jnp.all(ok)}
-        return x, SampleInfo(jnp.max(nsteps) * _stages(self.solver), bad, info)
+        stages = _stages(self.solver)
+        nfe = jnp.max(nsteps) * stages if stages > 0 else jnp.asarray(-1)
+        return x, SampleInfo(nfe, bad, info)
 
 
 def pf_ode(

@@ -94,7 +94,7 @@ def optimize_grid(
         fail("sampler", sampler, "a jaxdiff sampler")
     if sampler.stochastic:
         fail("sampler", sampler.name, "a deterministic sampler (grid search fits an ODE solve)")
-    model.check_x(np.zeros(tuple(shape), np.float32), "shape")
+    model.check_x(tuple(shape), "shape")
     k_x, k_run = jax.random.split(key)
     dtype = jnp.result_type(float)
     x_T = schedule.prior_std().astype(dtype) * jax.random.normal(k_x, tuple(shape), dtype)

@@ -53,6 +53,12 @@ def time_grid(
         t0, t1 = t0.astype(dtype), t1.astype(dtype)
     schedule.check_t(t0, "t_start")
     schedule.check_t(t1, "t_end")
+    if is_concrete(t1) and not float(t1) > float(schedule.t_min):
+        fail(
+            "t_end",
+            float(t1),
+            f"a time above {float(schedule.t_min):g}, where sigma = 0 and lambda = inf",
+        )
     if is_concrete(t0, t1) and not float(t0) > float(t1):
         fail(
             "t_start",
