@@ -157,6 +157,18 @@ def test_ddpm_variance_constant_matches_reference(x64):
     assert -3.6 < 256 * v < -2.3, 256 * v  # reference -2.87 at N=4096 (MC s.e. ~0.3 here)
 
 
+def test_euler_maruyama_scan_is_weak_first_order_and_agrees_with_diffrax(x64):
+    # EM's mean and variance errors are both O(1/N) (measured 0.012, 0.005 and 0.016, 0.0065 at
+    # N = 32, 64; MC s.e. 1.2e-3 and 1e-3)
+    m1, v1 = _moments(samplers.euler_maruyama(), 32, grid="uniform")
+    m2, v2 = _moments(samplers.euler_maruyama(), 64, grid="uniform")
+    assert abs(m2) < abs(m1) and abs(m2) < 0.01
+    assert 1.5 < v1 / v2 < 3.0, (v1, v2)
+    # diffrax's Euler on the same SDE and grid has the same weak error (different noise)
+    md, vd = _moments(samplers.reverse_sde(), 32, n=20_000, grid="uniform")
+    assert abs(md - m1) < 0.015 and abs(vd - v1) < 0.02, (md, vd, m1, v1)
+
+
 def test_reverse_sde_diffrax_moments(x64):
     m1, v1 = _moments(samplers.reverse_sde(), 10, n=8000, grid="uniform")
     m2, v2 = _moments(samplers.reverse_sde(), 40, n=8000, grid="uniform")
@@ -176,6 +188,7 @@ ALL = {
     "pf_ode": samplers.pf_ode(rtol=1e-9, atol=1e-9, max_steps=256),
     "pf_ode_fixed": samplers.pf_ode(diffrax.Heun(), adaptive=False),
     "reverse_sde": samplers.reverse_sde(),
+    "euler_maruyama": samplers.euler_maruyama(),
 }
 
 
@@ -223,7 +236,7 @@ def test_contract_jit_vmap_grad(x64, name):
     np.testing.assert_allclose(float(g[1, 0]), float(fd), rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("name", ["ddim_eta", "ddpm", "reverse_sde"])
+@pytest.mark.parametrize("name", ["ddim_eta", "ddpm", "reverse_sde", "euler_maruyama"])
 def test_noise_depends_only_on_key_and_index(name):
     sampler = ALL[name]
     sch, model, params = _setup()

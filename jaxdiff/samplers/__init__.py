@@ -15,7 +15,7 @@ from jaxdiff.samplers.accelerated import (
 )
 from jaxdiff.samplers.api import prior_sample, sample
 from jaxdiff.samplers.base import Kernel, SampleInfo, Sampler, per_example_normal, scan_solve, solve
-from jaxdiff.samplers.classic import DDIM, DDPM, ddim, ddpm
+from jaxdiff.samplers.classic import DDIM, DDPM, EulerMaruyama, ddim, ddpm, euler_maruyama
 from jaxdiff.samplers.deis import DEIS, deis
 from jaxdiff.samplers.diffrax_bridge import (
     PFODE,
@@ -51,6 +51,8 @@ __all__ = [
     "check_grid",
     "ddim",
     "ddpm",
+    "EulerMaruyama",
+    "euler_maruyama",
     "per_example_normal",
     "pf_ode",
     "pf_ode_vector_field",
