@@ -43,7 +43,10 @@ docs-serve: setup
 	$(VENV)/bin/mkdocs serve
 
 bench: setup
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/samplers.py
+	$(PY) benchmarks/speed.py
+	$(PY) benchmarks/sde.py
 
 clean:
 	rm -rf $(VENV) site .pytest_cache .ruff_cache samples.png
