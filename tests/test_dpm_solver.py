@@ -4,7 +4,8 @@ Compilation dominates the run time, so most tests share one jitted driver (:func
 runs a sampler's kernel exactly like ``scan_solve`` (step ``i``: ``ts[i] -> ts[i+1]`` with key
 ``fold_in(key, i)``) over a lambda-uniform grid whose step count ``n`` is a traced number: every
 ``n`` reuses one compilation per sampler structure. The public path (``jaxdiff.sample``) is
-exercised by the identity, lower-order-final, regression cross-check and contract tests.
+exercised by the identity, lower-order-final and regression cross-check tests (the jit/vmap/grad
+contract test for every sampler lives in tests/test_samplers.py).
 """
 
 import functools
@@ -323,56 +324,3 @@ def test_bad_input():
     model, _ = analytic.as_denoiser(_gauss_1d(), sch)
     with pytest.raises(JaxdiffError, match="variant='both'"):
         DPMSolverPP(variant="both").kernel(model, sch)
-
-
-# ----------------------------------------------------------------------------------------------
-# contract: jit / vmap over keys / grad w.r.t. params (pattern of tests/test_samplers.py)
-# ----------------------------------------------------------------------------------------------
-CONTRACT = {
-    "pp2M": dpm_solver_pp(2),
-    "pp3M": dpm_solver_pp(3),
-    "sde2M": sde_dpm_solver_pp(2),
-}
-
-
-def _setup():
-    sch = schedules.vp_linear()
-    dist = analytic.gaussian_mixture(
-        jnp.array([0.3, 0.7]), jnp.array([[-1.0, 0.5], [1.0, 0.0]]), jnp.array([0.1, 0.2])
-    )
-    model, params = analytic.as_denoiser(dist, sch)
-    return sch, model, params
-
-
-@pytest.mark.parametrize("name", list(CONTRACT))
-def test_contract_jit_vmap_grad(x64, name):
-    sampler = CONTRACT[name]
-    sch, model, params = _setup()
-    ts = samplers.time_grid(sch, 6, "log_snr")
-    x_T = jax.random.normal(jax.random.PRNGKey(0), (3, 2))
-    key = jax.random.PRNGKey(1)
-
-    ref = jaxdiff.sample(key, model, params, sch, x_T, sampler, ts=ts)
-    inside = jax.jit(lambda k, p: jaxdiff.sample(k, model, p, sch, x_T, sampler, ts=ts))
-    np.testing.assert_allclose(inside(key, params), ref, rtol=1e-9, atol=1e-12)
-
-    def solve(key, params):
-        return samplers.solve(key, model, params, sch, x_T, ts, sampler)[0]
-
-    keys = jax.random.split(jax.random.PRNGKey(5), 2)
-    many = jax.jit(jax.vmap(solve, in_axes=(0, None)))(keys, params)
-    assert many.shape == (2, 3, 2)
-    if sampler.stochastic:
-        assert float(jnp.min(jnp.abs(many[0] - many[1]))) > 0
-    else:
-        np.testing.assert_allclose(many[0], many[1], rtol=1e-12)
-
-    def loss(means):
-        return jnp.sum(solve(key, params.replace(means=means)) ** 2)
-
-    g = jax.jit(jax.grad(loss))(params.means)
-    e = jnp.zeros_like(params.means).at[1, 0].set(1e-5)
-    loss_j = jax.jit(loss)
-    fd = (loss_j(params.means + e) - loss_j(params.means - e)) / 2e-5
-    assert np.all(np.isfinite(np.asarray(g)))
-    np.testing.assert_allclose(float(g[1, 0]), float(fd), rtol=1e-5, atol=1e-8)

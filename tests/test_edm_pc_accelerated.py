@@ -301,54 +301,6 @@ def test_pc_inherits_min_steps():
     assert int(info.nfe) == 3 * 2
 
 
-# --------------------------------------------------------------------------------------------
-# contract: jit / vmap over keys / grad wrt params (as tests/test_samplers.py)
-# --------------------------------------------------------------------------------------------
-CONTRACT = {
-    "heun": heun(),
-    "heun_churn": heun(s_churn=3.0),
-    "predictor_corrector": predictor_corrector(),
-    "accelerated_ode": accelerated_ode(),
-}
-
-
-@pytest.mark.parametrize("name", list(CONTRACT))
-def test_contract_jit_vmap_grad(x64, name):
-    sampler = CONTRACT[name]
-    sch = schedules.vp_linear()
-    dist = analytic.gaussian_mixture(
-        jnp.array([0.3, 0.7]), jnp.array([[-1.0, 0.5], [1.0, 0.0]]), jnp.array([0.1, 0.2])
-    )
-    model, params = analytic.as_denoiser(dist, sch)
-    ts = samplers.time_grid(sch, 6)
-    x_T = jax.random.normal(jax.random.PRNGKey(0), (3, 2))
-    key = jax.random.PRNGKey(1)
-
-    ref = jaxdiff.sample(key, model, params, sch, x_T, sampler, ts=ts)
-    inside = jax.jit(lambda k, p: jaxdiff.sample(k, model, p, sch, x_T, sampler, ts=ts))
-    np.testing.assert_allclose(inside(key, params), ref, rtol=1e-9, atol=1e-12)
-
-    def run(key, params):
-        return samplers.solve(key, model, params, sch, x_T, ts, sampler)[0]
-
-    keys = jax.random.split(jax.random.PRNGKey(5), 2)
-    many = jax.jit(jax.vmap(run, in_axes=(0, None)))(keys, params)
-    assert many.shape == (2, 3, 2)
-    if sampler.stochastic:
-        assert float(jnp.min(jnp.abs(many[0] - many[1]))) > 0
-    else:
-        np.testing.assert_allclose(many[0], many[1], rtol=1e-12)
-
-    def loss(means):
-        return jnp.sum(run(key, params.replace(means=means)) ** 2)
-
-    g = jax.jit(jax.grad(loss))(params.means)
-    e = jnp.zeros_like(params.means).at[1, 0].set(1e-5)
-    loss_j = jax.jit(loss)
-    fd = (loss_j(params.means + e) - loss_j(params.means - e)) / 2e-5
-    np.testing.assert_allclose(float(g[1, 0]), float(fd), rtol=1e-5, atol=1e-8)
-
-
 def test_churn_numbers_do_not_recompile(x64):
     traces = []
     sch = schedules.vp_linear()

@@ -189,6 +189,19 @@ ALL = {
     "pf_ode_fixed": samplers.pf_ode(diffrax.Heun(), adaptive=False),
     "reverse_sde": samplers.reverse_sde(),
     "euler_maruyama": samplers.euler_maruyama(),
+    "dpm_solver3": samplers.dpm_solver(3),
+    "dpm_solver_pp2M": samplers.dpm_solver_pp(2),
+    "dpm_solver_pp3M": samplers.dpm_solver_pp(3),
+    "dpm_solver_pp2S": samplers.dpm_solver_pp(2, variant="singlestep"),
+    "sde_dpm_solver_pp2M": samplers.sde_dpm_solver_pp(2),
+    "unipc2": samplers.unipc(2),
+    "deis3": samplers.deis(3),
+    "edm_euler": samplers.euler(),
+    "heun": samplers.heun(),
+    "heun_churn": samplers.heun(s_churn=3.0),
+    "predictor_corrector": samplers.predictor_corrector(),
+    "accelerated_ode": samplers.accelerated_ode(),
+    "accelerated_sde": samplers.accelerated_sde(),
 }
 
 

@@ -270,35 +270,3 @@ def _contract_setup():
     )
     model, params = analytic.as_denoiser(dist, sch)
     return sch, model, params
-
-
-@pytest.mark.parametrize("name", ["unipc2", "deis3"])
-def test_contract_jit_vmap_grad(x64, name):
-    sampler = {"unipc2": unipc(2), "deis3": deis(3)}[name]
-    sch, model, params = _contract_setup()
-    ts = samplers.time_grid(sch, 6, "log_snr")
-    x_T = jax.random.normal(jax.random.PRNGKey(0), (3, 2))
-    key = jax.random.PRNGKey(1)
-
-    ref = jaxdiff.sample(key, model, params, sch, x_T, sampler, ts=ts)
-    inside = jax.jit(lambda k, p: jaxdiff.sample(k, model, p, sch, x_T, sampler, ts=ts))
-    np.testing.assert_allclose(inside(key, params), ref, rtol=1e-9, atol=1e-12)
-
-    def run(key, params):
-        return samplers.solve(key, model, params, sch, x_T, ts, sampler)[0]
-
-    keys = jax.random.split(jax.random.PRNGKey(5), 2)
-    many = jax.jit(jax.vmap(run, in_axes=(0, None)))(keys, params)
-    assert many.shape == (2, 3, 2)
-    np.testing.assert_allclose(many[0], many[1], rtol=1e-12)
-    np.testing.assert_allclose(many[0], ref, rtol=1e-9, atol=1e-12)
-
-    def loss(means):
-        return jnp.sum(run(key, params.replace(means=means)) ** 2)
-
-    g = jax.jit(jax.grad(loss))(params.means)
-    assert bool(jnp.all(jnp.isfinite(g)))
-    e = jnp.zeros_like(params.means).at[1, 0].set(1e-5)
-    loss_j = jax.jit(loss)
-    fd = (loss_j(params.means + e) - loss_j(params.means - e)) / 2e-5
-    np.testing.assert_allclose(float(g[1, 0]), float(fd), rtol=1e-5, atol=1e-8)
