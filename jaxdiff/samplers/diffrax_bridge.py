@@ -55,6 +55,16 @@ def _stages(solver) -> int:
     return int(n) if n is not None else -1
 
 
+def _solve_info(solver, x, nsteps, ok) -> SampleInfo:
+    """SampleInfo of a diffrax solve (``nsteps``/``ok`` per example or scalar): NFE from the
+    slowest example, and a positive ``first_nonfinite_step`` marking a NaN inside the solve."""
+    worst = jnp.max(nsteps)
+    stages = _stages(solver)
+    nfe = worst * stages if stages > 0 else jnp.asarray(-1)
+    bad = jnp.where(jnp.all(jnp.isfinite(x)), -1, worst)
+    return SampleInfo(nfe, bad, {"num_steps": nsteps, "solver_ok": jnp.all(ok)})
+
+
 def pf_ode_vector_field(model, params, schedule, x, t, cond=None):
     """``dx/dt = f(t) x + g(t)^2 / (2 sigma(t)) * eps_hat(x, t)`` (PF-ODE in t), shape of x."""
     _, eps = model.x0_eps(params, x, t, cond, schedule)
@@ -121,12 +131,7 @@ class PFODE(Sampler):
         )
         x = sol.ys[-1]
         nsteps = sol.stats["num_steps"]
-        bad = jnp.where(jnp.all(jnp.isfinite(x)), -1, nsteps)
-        ok = sol.result == diffrax.RESULTS.successful
-        info = {"num_steps": nsteps, "solver_ok": ok}
-        stages = _stages(self.solver)
-        nfe = nsteps * stages if stages > 0 else jnp.asarray(-1)
-        return x, SampleInfo(nfe, bad, info)
+        return x, _solve_info(self.solver, x, nsteps, sol.result == diffrax.RESULTS.successful)
 
 
 class ReverseSDE(Sampler):
@@ -200,11 +205,7 @@ class ReverseSDE(Sampler):
             x, nsteps, ok = jax.vmap(lambda i, y: one(i, y, None))(idx, x_T)
         else:
             x, nsteps, ok = jax.vmap(one)(idx, x_T, cond)
-        bad = jnp.where(jnp.all(jnp.isfinite(x)), -1, jnp.max(nsteps))
-        info = {"num_steps": nsteps, "solver_ok": jnp.all(ok)}
-        stages = _stages(self.solver)
-        nfe = jnp.max(nsteps) * stages if stages > 0 else jnp.asarray(-1)
-        return x, SampleInfo(nfe, bad, info)
+        return x, _solve_info(self.solver, x, nsteps, ok)
 
 
 def pf_ode(
