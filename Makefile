@@ -1,7 +1,7 @@
 # jaxdiff: one command to set up and run the demo, one to set up and run the tests.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PYTEST_ARGS ?= -n 2
+PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-slow lint format docs docs-serve notebooks bench clean
 
