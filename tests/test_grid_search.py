@@ -26,10 +26,19 @@ def test_logit_parametrisation_round_trips(x64):
     )
 
 
-def test_optimised_grid_beats_the_log_snr_grid_on_held_out_noise(x64):
+@pytest.mark.parametrize("loss", ["mse", "l2"])
+def test_optimised_grid_beats_the_log_snr_grid_on_held_out_noise(x64, loss):
     sch, model, params = _gmm()
     res = optimize_grid(
-        jax.random.PRNGKey(0), model, params, sch, samplers.ddim(), 5, (64, 1), iterations=80
+        jax.random.PRNGKey(0),
+        model,
+        params,
+        sch,
+        samplers.ddim(),
+        5,
+        (64, 1),
+        iterations=80,
+        loss=loss,
     )
     ts = np.asarray(res.ts)
     assert ts.shape == (6,) and np.all(np.diff(ts) < 0)
@@ -58,3 +67,5 @@ def test_bad_input():
         optimize_grid(key, model, params, sch, samplers.ddim(), 0, (8, 1))
     with pytest.raises(JaxdiffError, match="shape"):
         optimize_grid(key, model, params, sch, samplers.ddim(), 4, (8, 3))
+    with pytest.raises(JaxdiffError, match="loss"):
+        optimize_grid(key, model, params, sch, samplers.ddim(), 4, (8, 1), loss="huber")
