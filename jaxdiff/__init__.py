@@ -7,6 +7,7 @@ over pytrees that compose with ``jit``, ``vmap`` and ``grad``.
 from jaxdiff import (
     analytic,
     data,
+    guidance,
     likelihood,
     losses,
     metrics,
@@ -29,6 +30,7 @@ __all__ = [
     "SolverError",
     "analytic",
     "data",
+    "guidance",
     "likelihood",
     "losses",
     "metrics",
