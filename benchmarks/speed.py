@@ -6,9 +6,13 @@ SAME weights in JAX and in PyTorch, samples 4096 points in 2-D at NFE 10:
 * jaxdiff: ``jaxdiff.sample`` with DPM-Solver++(2M) (one jitted scan);
 * diffusers: ``DPMSolverMultistepScheduler`` (2M) driving the torch copy of the network in the
   usual Python loop (``torch.no_grad``, float32, CPU);
-* the cost of the NFE network evaluations alone in JAX (one jitted scan of 10 calls).
+* the cost of the NFE network evaluations alone in JAX (one jitted scan of 10 calls), and in
+  torch (the same 10 calls in a Python loop).
 
-Reports seconds (best of 5 after warm-up) and the two ratios the fast-sampler issue targets.
+Reports seconds (best of 5 after warm-up) and the two ratios the fast-sampler issue targets,
+first for the headline network (width 256), then for a sweep of widths: the speed-up over
+diffusers is the ratio of the two frameworks' network costs plus diffusers' per-step Python
+overhead, so it grows as the network shrinks.
 Needs the ``bench`` extra (torch 2.13.0 CPU, diffusers). Writes ``speed.json`` and ``speed.png``.
 """
 
@@ -31,8 +35,8 @@ from jaxdiff.denoiser import Denoiser
 WIDTH, EMB, DIM = 256, 32, 2
 
 
-def init_params(key):
-    sizes = [(DIM + EMB, WIDTH), (WIDTH, WIDTH), (WIDTH, WIDTH), (WIDTH, DIM)]
+def init_params(key, width=WIDTH):
+    sizes = [(DIM + EMB, width), (width, width), (width, width), (width, DIM)]
     params = []
     for k, (i, o) in zip(jax.random.split(key, len(sizes)), sizes, strict=True):
         params.append((jax.random.normal(k, (i, o)) / math.sqrt(i), jnp.zeros((o,))))
@@ -85,13 +89,13 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=4096)
     p.add_argument("--nfe", type=int, default=10)
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--widths", type=int, nargs="*", default=[16, 64, 128, 512])
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     import torch
     from diffusers import DPMSolverMultistepScheduler
 
     torch.set_num_threads(os.cpu_count() or 1)
-    params = init_params(jax.random.PRNGKey(0))
     sch = schedules.vp_discrete()
     model = Denoiser(apply=mlp_apply, parametrization="eps", event_shape=(DIM,))
     x_T = jax.random.normal(jax.random.PRNGKey(1), (args.n, DIM))
@@ -105,39 +109,52 @@ def main(argv=None):
         jnp.float32,
     )
     sampler = samplers.dpm_solver_pp(2)
-
-    def ours():
-        jaxdiff.sample(
-            jax.random.PRNGKey(2), model, params, sch, x_T, sampler, ts=ts
-        ).block_until_ready()
-
-    model_only_fn = jax.jit(
-        lambda p, x: jax.lax.scan(lambda x, t: (x + 0.0 * model(p, x, t), None), x, ts[:-1])[0]
-    )
-
-    def model_only():
-        model_only_fn(params, x_T).block_until_ready()
-
-    f = torch_mlp(params)
     x_t = torch.tensor(np.asarray(x_T))
 
-    def theirs():
-        s = DPMSolverMultistepScheduler(
-            **common, solver_order=2, final_sigmas_type="sigma_min", lower_order_final=False
-        )
-        s.set_timesteps(args.nfe)
-        x = x_t.clone()
-        with torch.no_grad():
-            for t in s.timesteps:
-                tt = torch.full((x.shape[0],), (float(t) + 1.0) / 1000.0)
-                x = s.step(f(x, tt), t, x).prev_sample
-        return x
+    def timings(params):
+        def ours():
+            jaxdiff.sample(
+                jax.random.PRNGKey(2), model, params, sch, x_T, sampler, ts=ts
+            ).block_until_ready()
 
-    sec = {
-        "jaxdiff DPM-Solver++(2M)": best_of(ours),
-        "JAX network evaluations alone": best_of(model_only),
-        "diffusers DPMSolverMultistep (torch)": best_of(theirs),
-    }
+        model_only_fn = jax.jit(
+            lambda p, x: jax.lax.scan(lambda x, t: (x + 0.0 * model(p, x, t), None), x, ts[:-1])[0]
+        )
+
+        def model_only():
+            model_only_fn(params, x_T).block_until_ready()
+
+        f = torch_mlp(params)
+
+        def theirs():
+            s = DPMSolverMultistepScheduler(
+                **common, solver_order=2, final_sigmas_type="sigma_min", lower_order_final=False
+            )
+            s.set_timesteps(args.nfe)
+            x = x_t.clone()
+            with torch.no_grad():
+                for t in s.timesteps:
+                    tt = torch.full((x.shape[0],), (float(t) + 1.0) / 1000.0)
+                    x = s.step(f(x, tt), t, x).prev_sample
+            return x
+
+        def torch_model_only():
+            x = x_t.clone()
+            with torch.no_grad():
+                for t in np.asarray(ts[:-1]):
+                    x = x + 0.0 * f(x, torch.full((x.shape[0],), float(t)))
+            return x
+
+        sec = {
+            "jaxdiff DPM-Solver++(2M)": best_of(ours),
+            "JAX network evaluations alone": best_of(model_only),
+            "diffusers DPMSolverMultistep (torch)": best_of(theirs),
+            "torch network evaluations alone": best_of(torch_model_only),
+        }
+        return sec, theirs
+
+    params = init_params(jax.random.PRNGKey(0))
+    sec, theirs = timings(params)
     # same weights, same problem: the two samples agree
     ours_x = np.asarray(
         jaxdiff.sample(jax.random.PRNGKey(2), model, params, sch, x_T, sampler, ts=ts)
@@ -150,8 +167,35 @@ def main(argv=None):
         print(f"{k:40s} {v * 1e3:9.2f} ms")
     print(f"speed-up over diffusers: {speedup:.2f}x (target >= 3)")
     print(f"jaxdiff / network alone: {overhead:.3f} (target <= 1.15)")
+    torch_net = sec["torch network evaluations alone"] / sec["JAX network evaluations alone"]
+    print(f"torch network alone / JAX network alone: {torch_net:.2f}")
     print(f"relative difference of the two samples: {diff:.2e}")
-    out = dict(seconds=sec, speedup_vs_diffusers=speedup, overhead_vs_model=overhead, rel_diff=diff)
+    sweep = []
+    print(
+        f"\n{'width':>6s} {'jaxdiff ms':>11s} {'diffusers ms':>13s} {'speed-up':>9s} {'torch/JAX net':>14s}"
+    )
+    for width in args.widths:
+        sw, _ = timings(init_params(jax.random.PRNGKey(0), width))
+        row = dict(
+            width=width,
+            seconds=sw,
+            speedup=sw["diffusers DPMSolverMultistep (torch)"] / sw["jaxdiff DPM-Solver++(2M)"],
+            net_ratio=sw["torch network evaluations alone"] / sw["JAX network evaluations alone"],
+        )
+        sweep.append(row)
+        print(
+            f"{width:6d} {sw['jaxdiff DPM-Solver++(2M)'] * 1e3:11.2f} "
+            f"{sw['diffusers DPMSolverMultistep (torch)'] * 1e3:13.2f} {row['speedup']:9.2f} "
+            f"{row['net_ratio']:14.2f}"
+        )
+    out = dict(
+        seconds=sec,
+        speedup_vs_diffusers=speedup,
+        overhead_vs_model=overhead,
+        torch_net_over_jax_net=torch_net,
+        rel_diff=diff,
+        width_sweep=sweep,
+    )
     with open(os.path.join(args.out, "speed.json"), "w") as fh:
         json.dump(out, fh, indent=1)
     import matplotlib
@@ -159,9 +203,22 @@ def main(argv=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 2.6))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3))
     ax.barh(list(sec), [v * 1e3 for v in sec.values()])
-    ax.set_xlabel("ms per 4096-sample batch")
+    ax.set_xlabel(f"ms per {args.n}-sample batch (width {WIDTH})")
+    if sweep:
+        ax2.semilogx(
+            [r["width"] for r in sweep], [r["speedup"] for r in sweep], "-o", label="speed-up"
+        )
+        ax2.semilogx(
+            [r["width"] for r in sweep],
+            [r["net_ratio"] for r in sweep],
+            "--s",
+            label="torch/JAX net",
+        )
+        ax2.axhline(3.0, color="gray", lw=0.8)
+        ax2.set_xlabel("MLP width")
+        ax2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "speed.png"), dpi=110)
     print(f"wrote {args.out}/speed.json and {args.out}/speed.png")
