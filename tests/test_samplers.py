@@ -452,3 +452,21 @@ def test_bf16_model_keeps_schedule_arithmetic_in_float32(name):
     assert out.dtype == jnp.float32
     rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
     assert rel < 2e-2, rel
+
+
+@pytest.mark.parametrize("name", ["dpm_solver_pp2", "ddpm"])
+def test_unrolled_step_loop_gives_the_same_samples(x64, name):
+    # unroll only changes how XLA lays out the loop: same samples (float64: to rounding), and
+    # stochastic samplers keep their per-step keys fold_in(key, i)
+    sampler = {"dpm_solver_pp2": samplers.dpm_solver_pp(2), "ddpm": samplers.ddpm()}[name]
+    sch = schedules.vp_linear()
+    model, params = analytic.as_denoiser(
+        analytic.gaussian_mixture(None, jnp.array([[-1.0, 0.5], [1.0, -0.5]]), 0.2), sch
+    )
+    key = jax.random.PRNGKey(3)
+    a = jaxdiff.sample(key, model, params, sch, (16, 2), sampler, steps=7)
+    for unroll in (True, 3):
+        b = jaxdiff.sample(key, model, params, sch, (16, 2), sampler, steps=7, unroll=unroll)
+        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
+    with pytest.raises(JaxdiffError, match="unroll"):
+        jaxdiff.sample(key, model, params, sch, (16, 2), sampler, steps=7, unroll=0)

@@ -24,15 +24,15 @@ def prior_sample(key, schedule: Schedule, shape, dtype=None):
     return schedule.prior_std().astype(dtype) * z
 
 
-def _run(key, model, params, schedule, x_T, ts, sampler, cond, final_denoise):
-    x, info = solve(key, model, params, schedule, x_T, ts, sampler, cond)
+def _run(key, model, params, schedule, x_T, ts, sampler, cond, final_denoise, unroll=1):
+    x, info = solve(key, model, params, schedule, x_T, ts, sampler, cond, unroll=unroll)
     if final_denoise:
         x, _ = model.x0_eps(params, x, ts[-1], cond, schedule)
         info = info._replace(nfe=info.nfe + 1)
     return x, info
 
 
-_run_jit = jax.jit(_run, static_argnames=("final_denoise",))
+_run_jit = jax.jit(_run, static_argnames=("final_denoise", "unroll"))
 
 
 def sample(
@@ -53,6 +53,7 @@ def sample(
     return_info: bool = False,
     check_finite: bool = True,
     dtype=None,
+    unroll: int | bool = 1,
 ):
     """Draw samples by running ``sampler`` from noise at ``t_start`` down to ``t_end``.
 
@@ -72,6 +73,10 @@ def sample(
       final_denoise: return ``x0_hat(x_end, t_end)`` (one more model evaluation).
       return_info: also return a :class:`~jaxdiff.samplers.base.SampleInfo`.
       check_finite: raise :class:`~jaxdiff.NonFiniteError` if the result holds NaN/inf.
+      dtype: dtype of the prior draw when a shape is given.
+      unroll: ``lax.scan`` unrolling of the step loop (``True``: every step, a positive int: that
+        many per iteration). On the CPU, unrolling a short solve (say <= 20 steps) runs about
+        2x faster for an MLP (``benchmarks/speed.py``); compile time grows with it.
     Returns:
       ``x_end`` shaped ``(batch, *event_shape)``, or ``(x_end, info)`` with ``return_info``.
 
@@ -80,6 +85,10 @@ def sample(
     arguments (inside the user's ``jit``/``vmap``/``grad``) it skips jit and host-side checks.
     """
     sampler = ddim() if sampler is None else sampler
+    if isinstance(unroll, bool):
+        pass
+    elif not isinstance(unroll, int) or unroll < 1:
+        fail("unroll", unroll, "True, False or a positive int (scan steps unrolled per iteration)")
     if not isinstance(model, Denoiser):
         fail("model", model, "a jaxdiff Denoiser (see jaxdiff.models.as_denoiser)")
     if not isinstance(sampler, Sampler):
@@ -119,7 +128,7 @@ def sample(
 
     traced = not is_concrete(key, params, x_T, ts, cond, sampler, schedule, model)
     run = _run if traced else _run_jit
-    x, info = run(k_run, model, params, schedule, x_T, ts, sampler, cond, final_denoise)
+    x, info = run(k_run, model, params, schedule, x_T, ts, sampler, cond, final_denoise, unroll)
     if not traced and isinstance(info.steps, dict) and "solver_ok" in info.steps:
         if not bool(info.steps["solver_ok"]):
             raise SolverError(

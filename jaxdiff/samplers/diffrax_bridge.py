@@ -110,7 +110,7 @@ class PFODE(Sampler):
     def min_steps(self):
         return 1
 
-    def solve(self, key, model, params, schedule, x_T, ts, cond=None):
+    def solve(self, key, model, params, schedule, x_T, ts, cond=None, unroll=1):  # noqa: ARG002
         def vf(t, y, args):
             p, c = args
             return pf_ode_vector_field(model, p, schedule, y, t, c)
@@ -155,7 +155,7 @@ class ReverseSDE(Sampler):
     bm_tol: float = struct.field(pytree_node=False, default=1e-3)
     stochastic = True
 
-    def solve(self, key, model, params, schedule, x_T, ts, cond=None):
+    def solve(self, key, model, params, schedule, x_T, ts, cond=None, unroll=1):  # noqa: ARG002
         us = -ts  # increasing
         tol = self.bm_tol * jnp.min(jnp.diff(us))
 
