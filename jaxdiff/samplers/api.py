@@ -75,8 +75,8 @@ def sample(
       check_finite: raise :class:`~jaxdiff.NonFiniteError` if the result holds NaN/inf.
       dtype: dtype of the prior draw when a shape is given.
       unroll: ``lax.scan`` unrolling of the step loop (``True``: every step, a positive int: that
-        many per iteration). On the CPU, unrolling a short solve (say <= 20 steps) runs about
-        2x faster for an MLP (``benchmarks/speed.py``); compile time grows with it.
+        many per iteration); same samples, different XLA program; compile time grows with it.
+        Measure before relying on it (``benchmarks/speed.py`` times both).
     Returns:
       ``x_end`` shaped ``(batch, *event_shape)``, or ``(x_end, info)`` with ``return_info``.
 

@@ -99,10 +99,10 @@ def scan_solve(key, sampler: Sampler, model, params, schedule, x_T, ts, cond=Non
     Returns ``(x_end, SampleInfo)``; x_end has the shape of ``x_T``.
 
     ``unroll`` (a Python int or bool, passed to ``lax.scan``): ``True`` unrolls every step into
-    straight-line code. On the CPU backend XLA runs the network markedly slower inside a loop
-    body than in straight-line code (about 2x for an MLP, ``benchmarks/speed.py``), so unrolling
-    the few steps of a fast sampler pays there; compile time grows with the number of steps, and
-    on GPU/TPU the loop costs little, so the default is ``1`` (a rolled loop).
+    straight-line code, which gives XLA more room to fuse across steps; compile time grows with
+    the number of steps. Whether it pays depends on the backend and the network: on this
+    project's 2-core CPU it did not for a width-256 MLP at NFE 10 (``benchmarks/speed.py``
+    times both), so the default is ``1`` (a rolled loop).
     """
     kernel = sampler.kernel(model, schedule)
     n = ts.shape[0] - 1
