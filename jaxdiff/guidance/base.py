@@ -24,14 +24,16 @@ costs one forward and one backward pass of the network.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
-from jaxdiff._checks import fail
+from jaxdiff._checks import fail, is_concrete
 from jaxdiff.denoiser import Denoiser
 
 __all__ = ["GuidanceContext", "GuidanceTerm", "Guided", "guide", "scale_at"]
@@ -87,6 +89,19 @@ def scale_at(scale, scale_fn: Callable | None, t, batch: int):
     if scale_fn is not None:
         w = w * jnp.broadcast_to(scale_fn(t), (batch,))
     return w
+
+
+def check_scale(scale, arg: str = "scale"):
+    """Raise unless ``scale`` is a real finite number or an array of shape ``()`` or ``(B,)``."""
+    if not hasattr(scale, "shape") and not isinstance(scale, numbers.Number):
+        fail(arg, scale, "a number or an array of shape () or (B,)")
+    s = jnp.asarray(scale)
+    if not jnp.issubdtype(s.dtype, jnp.number) or jnp.issubdtype(s.dtype, jnp.complexfloating):
+        fail(arg, scale, "a real guidance scale")
+    if s.ndim > 1:
+        fail(arg, f"shape {tuple(s.shape)}", "a scalar or shape (B,) (one per example)")
+    if is_concrete(s) and not np.all(np.isfinite(np.asarray(s, np.float64))):
+        fail(arg, scale, "a finite guidance scale")
 
 
 def _bcast(v, x):

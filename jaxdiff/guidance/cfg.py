@@ -27,7 +27,6 @@ the interval in noise levels ``sigma``; here it is in the schedule's time ``t`` 
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -37,7 +36,7 @@ from flax import struct
 
 from jaxdiff._checks import as_float_array, fail, is_concrete
 from jaxdiff.denoiser import Denoiser
-from jaxdiff.guidance.base import scale_at
+from jaxdiff.guidance.base import check_scale, scale_at
 
 __all__ = ["CFG", "cfg"]
 
@@ -138,18 +137,6 @@ def _cfg_apply(params, x, t, cond):  # pragma: no cover - CFG overrides __call__
     raise RuntimeError("CFG.__call__ is the entry point")
 
 
-def _check_scale(scale):
-    if not hasattr(scale, "shape") and not isinstance(scale, numbers.Number):
-        fail("scale", scale, "a number or an array of shape () or (B,)")
-    s = jnp.asarray(scale)
-    if not jnp.issubdtype(s.dtype, jnp.number) or jnp.issubdtype(s.dtype, jnp.complexfloating):
-        fail("scale", scale, "a real guidance scale")
-    if s.ndim > 1:
-        fail("scale", f"shape {tuple(s.shape)}", "a scalar or shape (B,) (one per example)")
-    if is_concrete(s) and not np.all(np.isfinite(np.asarray(s, np.float64))):
-        fail("scale", scale, "a finite guidance scale")
-
-
 def _check_interval(interval):
     if interval is None:
         return None
@@ -208,7 +195,7 @@ def cfg(
     """
     if not isinstance(model, Denoiser):
         fail("model", type(model).__name__, "a jaxdiff Denoiser")
-    _check_scale(scale)
+    check_scale(scale)
     if scale_fn is not None and not callable(scale_fn):
         fail("scale_fn", scale_fn, "None or a function t (B,) -> (B,)")
     if null_cond is not None:

@@ -33,7 +33,7 @@ import optax
 from flax import struct
 
 from jaxdiff._checks import as_float_array, check_positive_int, fail, is_concrete
-from jaxdiff.guidance.base import GuidanceContext, GuidanceTerm, scale_at
+from jaxdiff.guidance.base import GuidanceContext, GuidanceTerm, check_scale, scale_at
 from jaxdiff.models import fourier_embedding, sinusoidal_embedding
 from jaxdiff.schedules import Schedule
 
@@ -171,18 +171,6 @@ class ClassifierGuidance(GuidanceTerm):
         return (_bcast(w, grad) * grad).astype(x.dtype)
 
 
-def _check_scale(scale):
-    if not hasattr(scale, "shape") and not isinstance(scale, numbers.Number):
-        fail("scale", scale, "a number or an array of shape () or (B,)")
-    s = jnp.asarray(scale)
-    if not jnp.issubdtype(s.dtype, jnp.number) or jnp.issubdtype(s.dtype, jnp.complexfloating):
-        fail("scale", scale, "a real guidance scale")
-    if s.ndim > 1:
-        fail("scale", f"shape {tuple(s.shape)}", "a scalar or shape (B,) (one per example)")
-    if is_concrete(s) and not np.all(np.isfinite(np.asarray(s, np.float64))):
-        fail("scale", scale, "a finite guidance scale")
-
-
 def classifier(
     log_prob_fn: Callable,
     scale=1.0,
@@ -219,7 +207,7 @@ def classifier(
     """
     if not callable(log_prob_fn):
         fail("log_prob_fn", log_prob_fn, "a function log_prob_fn(x, t, y) -> (B,) log-probs")
-    _check_scale(scale)
+    check_scale(scale)
     if scale_fn is not None and not callable(scale_fn):
         fail("scale_fn", scale_fn, "None or a function t (B,) -> (B,)")
     if params is not None:
@@ -234,6 +222,33 @@ def classifier(
 # ------------------------------------------------------------------------------------------
 # a Flax noise-conditional classifier
 # ------------------------------------------------------------------------------------------
+def time_conditioned_trunk(module: nn.Module, x, t):
+    """The residual time-conditioned MLP trunk shared by :class:`NoisyClassifier` and
+    :class:`jaxdiff.optimize.rcgdm.NoisyRewardMLP`; call it from a compact ``__call__``.
+
+    ``e = Dense_h(act(Dense_h(time_features(t))))``, ``z = Dense_h(flatten(x))``, ``depth``
+    pre-LayerNorm residual blocks ``z += Dense_h(act(LN(z) + e))``, then ``act(LN(z))``; returns
+    features ``(B, hidden)``. Reads ``hidden, depth, time_embedding, embed_dim, fourier_scale,
+    time_scale, activation`` from ``module``.
+    """
+    b = x.shape[0]
+    t = jnp.broadcast_to(jnp.asarray(t, x.dtype), (b,))
+    act = module.activation
+    if module.time_embedding == "fourier":
+        feats = fourier_embedding(t, module.embed_dim, module.fourier_scale)
+    else:
+        feats = sinusoidal_embedding(t, module.embed_dim, module.time_scale)
+    e = nn.Dense(module.hidden, name="time_out")(
+        act(nn.Dense(module.hidden, name="time_in")(feats))
+    )
+    z = nn.Dense(module.hidden, name="x_in")(x.reshape(b, -1))
+    for i in range(module.depth):
+        z = z + nn.Dense(module.hidden, name=f"dense_{i}")(
+            act(nn.LayerNorm(name=f"norm_{i}")(z) + e)
+        )
+    return act(nn.LayerNorm(name="norm_out")(z))
+
+
 class NoisyClassifier(nn.Module):
     """Residual MLP classifier of noised inputs ``(x_t, t) -> logits (B, num_classes)``.
 
@@ -268,23 +283,7 @@ class NoisyClassifier(nn.Module):
         x = as_float_array(x)
         if x.ndim < 2:
             fail("x", f"shape {tuple(x.shape)}", "shape (batch, *event_shape)")
-        b = x.shape[0]
-        t = jnp.broadcast_to(jnp.asarray(t, x.dtype), (b,))
-        act = self.activation
-        if self.time_embedding == "fourier":
-            feats = fourier_embedding(t, self.embed_dim, self.fourier_scale)
-        else:
-            feats = sinusoidal_embedding(t, self.embed_dim, self.time_scale)
-        e = nn.Dense(self.hidden, name="time_out")(
-            act(nn.Dense(self.hidden, name="time_in")(feats))
-        )
-        z = nn.Dense(self.hidden, name="x_in")(x.reshape(b, -1))
-        for i in range(self.depth):
-            z = z + nn.Dense(self.hidden, name=f"dense_{i}")(
-                act(nn.LayerNorm(name=f"norm_{i}")(z) + e)
-            )
-        z = act(nn.LayerNorm(name="norm_out")(z))
-        return nn.Dense(self.num_classes, name="logits")(z)
+        return nn.Dense(self.num_classes, name="logits")(time_conditioned_trunk(self, x, t))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -62,7 +62,8 @@ from jaxdiff._checks import NonFiniteError, as_float_array, check_positive_int, 
 from jaxdiff.denoiser import Denoiser
 from jaxdiff.guidance.base import GuidanceContext, GuidanceTerm, _bcast, guide, scale_at
 from jaxdiff.guidance.cfg import cfg
-from jaxdiff.models import MLPScoreNet, as_denoiser, fourier_embedding, sinusoidal_embedding
+from jaxdiff.guidance.classifier import time_conditioned_trunk
+from jaxdiff.models import MLPScoreNet, as_denoiser
 from jaxdiff.samplers.api import prior_sample
 from jaxdiff.samplers.api import sample as _sample
 from jaxdiff.samplers.base import Sampler
@@ -1321,23 +1322,7 @@ class NoisyRewardMLP(nn.Module):
         if self.time_embedding not in ("fourier", "sinusoidal"):
             fail("time_embedding", self.time_embedding, "'fourier' or 'sinusoidal'")
         x = as_float_array(x)
-        b = x.shape[0]
-        t = jnp.broadcast_to(jnp.asarray(t, x.dtype), (b,))
-        act = self.activation
-        if self.time_embedding == "fourier":
-            feats = fourier_embedding(t, self.embed_dim, self.fourier_scale)
-        else:
-            feats = sinusoidal_embedding(t, self.embed_dim, self.time_scale)
-        e = nn.Dense(self.hidden, name="time_out")(
-            act(nn.Dense(self.hidden, name="time_in")(feats))
-        )
-        z = nn.Dense(self.hidden, name="x_in")(x.reshape(b, -1))
-        for i in range(self.depth):
-            z = z + nn.Dense(self.hidden, name=f"dense_{i}")(
-                act(nn.LayerNorm(name=f"norm_{i}")(z) + e)
-            )
-        z = act(nn.LayerNorm(name="norm_out")(z))
-        return nn.Dense(1, name="out")(z)[:, 0]
+        return nn.Dense(1, name="out")(time_conditioned_trunk(self, x, t))[:, 0]
 
 
 class NoisyReward(struct.PyTreeNode):
