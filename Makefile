@@ -47,6 +47,10 @@ bench: setup
 	$(PY) benchmarks/samplers.py
 	$(PY) benchmarks/speed.py
 	$(PY) benchmarks/sde.py
+	$(PY) benchmarks/guidance.py
+	$(PY) benchmarks/rcgdm.py
+	$(PY) benchmarks/gradient_guided.py
+	$(PY) benchmarks/reward_finetune.py
 
 clean:
 	rm -rf $(VENV) site .pytest_cache .ruff_cache samples.png
