@@ -157,6 +157,7 @@ def test_ddpm_variance_constant_matches_reference(x64):
     assert -3.6 < 256 * v < -2.3, 256 * v  # reference -2.87 at N=4096 (MC s.e. ~0.3 here)
 
 
+@pytest.mark.slow
 def test_euler_maruyama_scan_is_weak_first_order_and_agrees_with_diffrax(x64):
     # EM's mean and variance errors are both O(1/N) (measured 0.012, 0.005 and 0.016, 0.0065 at
     # N = 32, 64; MC s.e. 1.2e-3 and 1e-3)
@@ -214,7 +215,14 @@ def _setup():
     return sch, model, params
 
 
-@pytest.mark.parametrize("name", list(ALL))
+# the diffrax SDE and fixed-step ODE paths compile slowly; their contract runs with -m slow
+# (pf_ode, the adaptive diffrax path, stays in the default run)
+_SLOW_CONTRACT = {"reverse_sde", "pf_ode_fixed", "accelerated_sde"}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_CONTRACT else n for n in ALL]
+)
 def test_contract_jit_vmap_grad(x64, name):
     sampler = ALL[name]
     sch, model, params = _setup()
@@ -249,7 +257,10 @@ def test_contract_jit_vmap_grad(x64, name):
     np.testing.assert_allclose(float(g[1, 0]), float(fd), rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("name", ["ddim_eta", "ddpm", "reverse_sde", "euler_maruyama"])
+@pytest.mark.parametrize(
+    "name",
+    ["ddim_eta", "ddpm", pytest.param("reverse_sde", marks=pytest.mark.slow), "euler_maruyama"],
+)
 def test_noise_depends_only_on_key_and_index(name):
     sampler = ALL[name]
     sch, model, params = _setup()
