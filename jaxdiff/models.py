@@ -2,6 +2,9 @@
 
 :class:`MLPScoreNet` is a small residual MLP with a time embedding and optional class-label or
 real-vector conditioning (with a learned null condition for classifier-free guidance);
+:class:`~jaxdiff.unet.UNet` (images) and :class:`~jaxdiff.dit.DiT` (sequences and images) are
+re-exported here; all three share the condition embedding of :mod:`jaxdiff._nn` and take
+``dtype`` / ``param_dtype`` for mixed precision.
 :func:`as_denoiser` wraps a Flax Linen module, a Flax NNX module or a plain function
 ``fn(params, x, t, cond)`` into a :class:`~jaxdiff.denoiser.Denoiser` plus its params.
 """
@@ -10,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -20,64 +22,29 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdiff._checks import as_float_array, fail, is_concrete
+from jaxdiff._checks import as_float_array, fail
+from jaxdiff._nn import (
+    check_cond_fields,
+    check_dtype,
+    cond_embedding,
+    fourier_embedding,
+    null_cond_value,
+    sinusoidal_embedding,
+    time_features,
+)
 from jaxdiff.denoiser import Denoiser
+from jaxdiff.dit import DiT
 from jaxdiff.parametrize import check_parametrization
+from jaxdiff.unet import UNet
 
 __all__ = [
     "MLPScoreNet",
+    "UNet",
+    "DiT",
     "as_denoiser",
     "sinusoidal_embedding",
     "fourier_embedding",
 ]
-
-_TIME_EMBEDDINGS = ("fourier", "sinusoidal")
-
-
-# ------------------------------------------------------------------------------------------
-# time embeddings
-# ------------------------------------------------------------------------------------------
-def sinusoidal_embedding(t, dim: int, scale: float = 1000.0, max_period: float = 10000.0):
-    """Transformer-style positional embedding of ``scale * t`` (DDPM, Ho et al. arXiv 2006.11239).
-
-    ``emb = [sin(scale t w_k), cos(scale t w_k)]`` with ``w_k = max_period^(-k / (dim/2))`` for
-    ``k = 0 .. dim/2 - 1`` (Vaswani et al. arXiv 1706.03762, section 3.5).
-
-    Args:
-      t: times, shape ``(batch,)``.
-      dim: embedding size (even).
-      scale: multiplies ``t`` first; ``1000`` maps ``t in [0, 1]`` to DDPM's integer steps.
-    Returns:
-      shape ``(batch, dim)``.
-    """
-    if dim % 2:
-        fail("dim", dim, "an even embedding size")
-    half = dim // 2
-    freqs = np.exp(-math.log(max_period) * np.arange(half) / half)
-    arg = (scale * as_float_array(t))[:, None] * jnp.asarray(freqs, dtype=jnp.result_type(t, float))
-    return jnp.concatenate([jnp.sin(arg), jnp.cos(arg)], axis=-1)
-
-
-def fourier_embedding(t, dim: int, scale: float = 16.0, seed: int = 0):
-    """Gaussian Fourier features of ``t`` (Song et al. arXiv 2011.13456; Tancik et al.
-    arXiv 2006.10739).
-
-    ``emb = [sin(2 pi t B_k), cos(2 pi t B_k)]`` with fixed ``B_k ~ N(0, scale^2)``, ``k < dim/2``.
-    ``B`` is a compile-time constant drawn from ``numpy.random.default_rng(seed)``: it is neither
-    a parameter (no optimizer or weight decay touches it) nor hidden PRNG state.
-
-    Args:
-      t: times, shape ``(batch,)``.
-      dim: embedding size (even).
-      scale: standard deviation of the frequencies ``B``.
-    Returns:
-      shape ``(batch, dim)``.
-    """
-    if dim % 2:
-        fail("dim", dim, "an even embedding size")
-    b = np.random.default_rng(seed).standard_normal(dim // 2) * scale
-    arg = 2.0 * math.pi * as_float_array(t)[:, None] * jnp.asarray(b, jnp.result_type(t, float))
-    return jnp.concatenate([jnp.sin(arg), jnp.cos(arg)], axis=-1)
 
 
 # ------------------------------------------------------------------------------------------
@@ -111,6 +78,10 @@ class MLPScoreNet(nn.Module):
 
     :attr:`null_cond` gives the value that means "unconditional" (``K`` or a NaN vector).
 
+    Mixed precision: parameters are created in ``param_dtype`` (float32), the dense layers run
+    in ``dtype`` (e.g. ``jnp.bfloat16``; None = the dtype of ``x``), LayerNorm statistics in
+    float32, and the output is cast back to ``x.dtype``.
+
     Call: ``net.apply(variables, x, t, cond=None)`` with ``x`` of shape ``(batch, *event)`` and
     ``t`` of shape ``(batch,)`` or ``()``; returns an array shaped like ``x``.
     """
@@ -125,64 +96,22 @@ class MLPScoreNet(nn.Module):
     cond_dim: int | None = None
     activation: Callable = nn.silu
     zero_init_out: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     @property
     def null_cond(self):
         """The "no condition" value: ``num_classes`` (labels), a NaN vector (real) or None."""
-        if self.num_classes is not None:
-            return self.num_classes
-        if self.cond_dim is not None:
-            return np.full((self.cond_dim,), np.nan, np.float32)
-        return None
+        return null_cond_value(self.num_classes, self.cond_dim)
 
     def _check_fields(self):
-        if self.time_embedding not in _TIME_EMBEDDINGS:
-            fail("time_embedding", self.time_embedding, f"one of {_TIME_EMBEDDINGS}")
-        if self.num_classes is not None and self.cond_dim is not None:
-            fail(
-                "cond_dim",
-                self.cond_dim,
-                "None when num_classes is set (MLPScoreNet takes one kind of condition)",
-            )
+        check_cond_fields("MLPScoreNet", self.time_embedding, self.num_classes, self.cond_dim)
+        check_dtype("dtype", self.dtype)
+        check_dtype("param_dtype", self.param_dtype, allow_none=False)
         for name in ("hidden", "depth", "embed_dim"):
             v = getattr(self, name)
             if not isinstance(v, int | np.integer) or v < (0 if name == "depth" else 1):
                 fail(name, v, "a positive integer" if name != "depth" else "an integer >= 0")
-
-    def _cond_embedding(self, cond, batch: int, dtype):
-        if self.num_classes is not None:
-            if cond is None:
-                labels = jnp.full((batch,), self.num_classes, jnp.int32)
-            else:
-                labels = jnp.asarray(cond)
-                if not jnp.issubdtype(labels.dtype, jnp.integer):
-                    fail("cond", f"dtype {labels.dtype}", "integer class labels")
-                if is_concrete(labels) and (
-                    np.any(np.asarray(labels) < 0) or np.any(np.asarray(labels) > self.num_classes)
-                ):
-                    fail(
-                        "cond",
-                        labels,
-                        f"labels in [0, {self.num_classes}] ({self.num_classes} = null)",
-                    )
-                labels = jnp.broadcast_to(labels, (batch,))
-            return nn.Embed(self.num_classes + 1, self.hidden, name="label_embed")(labels)
-        if self.cond_dim is not None:
-            if cond is None:
-                vec = jnp.zeros((batch, self.cond_dim), dtype)
-                null = jnp.ones((batch, 1), dtype)
-            else:
-                c = jnp.asarray(cond, dtype)
-                if c.shape[-1:] != (self.cond_dim,):
-                    fail("cond", f"shape {c.shape}", f"shape (batch, {self.cond_dim})")
-                c = jnp.broadcast_to(c, (batch, self.cond_dim))
-                is_null = jnp.any(jnp.isnan(c), axis=-1, keepdims=True)
-                vec = jnp.where(is_null, 0.0, c)
-                null = is_null.astype(dtype)
-            return nn.Dense(self.hidden, name="cond_embed")(jnp.concatenate([vec, null], -1))
-        if cond is not None:
-            fail("cond", cond, "None: this MLPScoreNet has num_classes=None and cond_dim=None")
-        return None
 
     @nn.compact
     def __call__(self, x, t, cond=None):
@@ -191,28 +120,51 @@ class MLPScoreNet(nn.Module):
         if x.ndim < 2:
             fail("x", f"shape {x.shape}", "shape (batch, *event_shape) with a batch axis")
         batch, event = x.shape[0], x.shape[1:]
-        dtype = x.dtype
-        t = jnp.broadcast_to(jnp.asarray(t, dtype), (batch,))
+        cdt = x.dtype if self.dtype is None else self.dtype
+        pdt = self.param_dtype
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.promote_types(x.dtype, jnp.float32)), (batch,))
         act = self.activation
 
-        c = self._cond_embedding(cond, batch, dtype)  # first: validates cond before any compute
-        if self.time_embedding == "fourier":
-            feats = fourier_embedding(t, self.embed_dim, self.fourier_scale)
-        else:
-            feats = sinusoidal_embedding(t, self.embed_dim, self.time_scale)
-        e = nn.Dense(self.hidden, name="time_in")(feats)
+        c = cond_embedding(  # first: validates cond before any compute
+            cond,
+            batch,
+            self.hidden,
+            num_classes=self.num_classes,
+            cond_dim=self.cond_dim,
+            owner="MLPScoreNet",
+            dtype=cdt,
+            param_dtype=pdt,
+        )
+        feats = time_features(
+            t,
+            self.time_embedding,
+            self.embed_dim,
+            fourier_scale=self.fourier_scale,
+            time_scale=self.time_scale,
+        )
+        e = nn.Dense(self.hidden, dtype=cdt, param_dtype=pdt, name="time_in")(feats)
         if c is not None:
             e = e + c
-        e = nn.Dense(self.hidden, name="time_out")(act(e))
+        e = nn.Dense(self.hidden, dtype=cdt, param_dtype=pdt, name="time_out")(act(e))
 
-        z = nn.Dense(self.hidden, name="x_in")(x.reshape(batch, -1))
+        z = nn.Dense(self.hidden, dtype=cdt, param_dtype=pdt, name="x_in")(
+            x.reshape(batch, -1).astype(cdt)
+        )
         for i in range(self.depth):
-            y = act(nn.LayerNorm(name=f"norm_{i}")(z) + e)
-            z = z + nn.Dense(self.hidden, name=f"dense_{i}")(y)
-        z = act(nn.LayerNorm(name="norm_out")(z))
+            y = act(_layer_norm(z, cdt, pdt, f"norm_{i}") + e)
+            z = z + nn.Dense(self.hidden, dtype=cdt, param_dtype=pdt, name=f"dense_{i}")(y)
+        z = act(_layer_norm(z, cdt, pdt, "norm_out"))
         init = nn.initializers.zeros if self.zero_init_out else nn.initializers.lecun_normal()
-        out = nn.Dense(int(np.prod(event)), kernel_init=init, name="out")(z)
-        return out.reshape(x.shape)
+        out = nn.Dense(
+            int(np.prod(event)), kernel_init=init, dtype=cdt, param_dtype=pdt, name="out"
+        )(z)
+        return out.reshape(x.shape).astype(x.dtype)
+
+
+def _layer_norm(z, cdt, pdt, name):
+    """LayerNorm with float32 (or wider) statistics, output in the compute dtype ``cdt``."""
+    z32 = z.astype(jnp.promote_types(z.dtype, jnp.float32))
+    return nn.LayerNorm(dtype=z32.dtype, param_dtype=pdt, name=name)(z32).astype(cdt)
 
 
 # ------------------------------------------------------------------------------------------
