@@ -2,13 +2,16 @@
 
 :func:`make_step` builds ``step(state, key, data) -> (state, metrics)`` (pure, jit-able; the batch
 and the loss's randomness come from ``fold_in(key, state.step)``); :func:`train` / :func:`fit` run
-it as jitted chunks of ``log_every`` steps with a progress bar; :func:`save_checkpoint` /
-:func:`restore_checkpoint` write and read any pytree with orbax.
+it as jitted chunks (ending at every ``log_every`` and ``checkpoint_every`` step) with a progress
+bar, optional preemption-safe checkpoints (:mod:`jaxdiff.checkpoint`: ``checkpoint_dir=``,
+resumed automatically), data parallelism on a device mesh (``mesh=``) and a ``callback``;
+:func:`save_checkpoint` / :func:`restore_checkpoint` write and read any pytree with orbax.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
 from collections.abc import Callable
@@ -103,6 +106,7 @@ def make_step(
     ema_decay=0.999,
     loss_fn: Callable = dsm_loss,
     batch_size: int,
+    batch_sharding=None,
     **loss_kwargs,
 ) -> Callable:
     """Build a pure, jit-able train step ``step(state, key, data) -> (state, metrics)``.
@@ -121,6 +125,9 @@ def make_step(
       loss_fn: ``loss_fn(params, key, model, schedule, x0, cond, **loss_kwargs) -> scalar``
         (default :func:`jaxdiff.losses.dsm_loss`).
       batch_size: examples per step.
+      batch_sharding: an optional ``jax.sharding.Sharding`` for the drawn batch (e.g.
+        ``NamedSharding(mesh, P("data"))``): ``x`` and every ``cond`` leaf are constrained to it
+        with ``jax.lax.with_sharding_constraint`` (data parallelism; the values are unchanged).
       **loss_kwargs: forwarded to ``loss_fn`` (weighting, target, cond_drop_prob, ...).
     Returns:
       ``step``; ``metrics = {"loss": scalar, "grad_norm": scalar}`` (loss before the update).
@@ -131,6 +138,9 @@ def make_step(
     def step(state: TrainState, key, data):
         k_data, k_loss = jax.random.split(jax.random.fold_in(key, state.step))
         x, cond = draw_batch(k_data, data, batch_size)
+        if batch_sharding is not None:
+            shard = lambda a: jax.lax.with_sharding_constraint(a, batch_sharding)  # noqa: E731
+            x, cond = shard(x), jax.tree.map(shard, cond)
         loss, grads = jax.value_and_grad(loss_fn)(
             state.params, k_loss, model, schedule, x, cond, **loss_kwargs
         )
@@ -198,11 +208,19 @@ def _split_kwargs(kwargs):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("optimizer", "batch_size", "ema_decay", "sampler", "static_kw")
+    jax.jit,
+    static_argnames=(
+        "optimizer",
+        "batch_size",
+        "ema_decay",
+        "sampler",
+        "static_kw",
+        "batch_sharding",
+    ),
 )
 def _train_chunk(
     state, key, arrays, n, model, schedule, dynamic_kw, *, optimizer, batch_size, ema_decay,
-    sampler, static_kw,
+    sampler, static_kw, batch_sharding=None,
 ):  # fmt: skip
     """``n`` (traced) train steps in one compiled loop; ``(state, mean loss, first bad step)``.
 
@@ -214,6 +232,7 @@ def _train_chunk(
         optimizer,
         ema_decay=ema_decay,
         batch_size=batch_size,
+        batch_sharding=batch_sharding,
         **dict(static_kw),
         **dynamic_kw,
     )
@@ -231,6 +250,31 @@ def _train_chunk(
     return state, total / jnp.maximum(n, 1), bad
 
 
+def _resolve_mesh(mesh, batch_size: int):
+    """``(replicated, batch)`` NamedShardings for ``mesh`` / ``(mesh, axis_name)`` (or Nones)."""
+    if mesh is None:
+        return None, None
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    axis = "data"
+    if isinstance(mesh, tuple | list):
+        if len(mesh) != 2:
+            fail("mesh", mesh, "a jax.sharding.Mesh or a pair (mesh, axis_name)")
+        mesh, axis = mesh
+    if not isinstance(mesh, Mesh):
+        fail("mesh", mesh, "a jax.sharding.Mesh or a pair (mesh, axis_name)")
+    if axis not in mesh.axis_names:
+        fail("mesh", f"axis names {mesh.axis_names}", f"a mesh with an axis named {axis!r}")
+    n = int(mesh.shape[axis])
+    if batch_size % n:
+        fail("batch_size", batch_size, f"a multiple of the {n} devices on mesh axis {axis!r}")
+    return NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec(axis))
+
+
+def _next_boundary(step: int, every: int | None) -> float:
+    return math.inf if every is None else (step // every + 1) * every
+
+
 def train(
     key,
     model: Denoiser,
@@ -243,15 +287,30 @@ def train(
     ema_decay=0.999,
     progress: bool = True,
     log_every: int = 100,
+    checkpoint_dir=None,
+    checkpoint_every: int | None = None,
+    keep: int = 3,
+    resume: bool = True,
+    mesh=None,
+    callback: Callable | None = None,
     **loss_kwargs,
 ) -> tuple[TrainState, dict]:
     """Train ``model`` for ``steps`` optimizer steps; return ``(state, history)``.
 
-    Runs :func:`make_step` in jitted chunks of ``log_every`` steps: one compiled ``lax`` loop
-    whose trip count is an argument, so the last, shorter chunk reuses it, and so do later calls
-    with the same model, optimizer and settings (jit's cache). Step ``i`` uses
+    Runs :func:`make_step` in jitted chunks: one compiled ``lax`` loop whose trip count is an
+    argument, so shorter chunks reuse it, and so do later calls with the same model, optimizer
+    and settings (jit's cache). Chunks end at every multiple of ``log_every`` (a history row)
+    and of ``checkpoint_every`` (a checkpoint), counted in absolute steps. Step ``i`` uses
     ``fold_in(key, i)``, so the result depends only on ``key`` (bitwise, for a fixed backend),
-    not on ``log_every``.
+    not on ``log_every``, ``checkpoint_every`` or interruptions.
+
+    Checkpoints (:class:`jaxdiff.checkpoint.CheckpointManager`): with ``checkpoint_dir``,
+    ``steps`` is the *total* step count; when ``resume`` and the directory holds a checkpoint,
+    the newest good one is restored (a corrupt newest step falls back to the previous one with
+    a warning) and only the remaining steps run; a checkpoint is written at every multiple of
+    ``checkpoint_every`` and at the end. The data position is the step (batches are drawn with
+    ``fold_in(key, step)``); ``examples_seen = step * batch_size`` is stored alongside. A
+    directory written by a different model raises before anything in it is touched.
 
     Args:
       key: PRNG key.
@@ -263,29 +322,50 @@ def train(
       data: an array ``(N, *event_shape)``, a pair ``(x, cond)`` or a function ``data(key, n)``
         (see :func:`draw_batch`).
       optimizer: an optax gradient transformation.
-      steps: number of optimizer steps to take (>= 1).
+      steps: without ``checkpoint_dir``, the number of optimizer steps to take (>= 1); with it,
+        the total number of steps the run should reach.
       batch_size: examples per step (>= 1).
       ema_decay: EMA decay in ``[0, 1)``; 0 disables the EMA.
       progress: show a tqdm progress bar (loss and steps/s).
-      log_every: steps per chunk and per history entry.
+      log_every: steps per history entry (and per ``callback`` call).
+      checkpoint_dir: a directory, or a :class:`~jaxdiff.checkpoint.CheckpointManager` (e.g.
+        one carrying a ``config`` dict to compare); None disables checkpoints.
+      checkpoint_every: checkpoint period in steps (default ``log_every``).
+      keep: number of most recent checkpoints kept.
+      resume: restore from ``checkpoint_dir`` when it holds a checkpoint (False: start from
+        ``params``; this run's checkpoints replace any later steps there).
+      mesh: a ``jax.sharding.Mesh`` with an axis ``"data"``, or a pair ``(mesh, axis_name)``:
+        the state and data arrays are replicated on the mesh and each drawn batch is sharded
+        along the axis (``batch_size`` must be a multiple of its size). None: default device.
+      callback: ``callback(state, row)`` after every history row, ``row`` a dict with ``step``,
+        ``loss``, ``steps_per_s``, ``wall_s`` (e.g. periodic metrics or sample grids).
       **loss_kwargs: forwarded to the loss (``loss_fn=`` picks another loss).
     Returns:
-      ``(TrainState, history)``; ``history`` has numpy arrays ``step`` (``state.step`` after each
-      chunk), ``loss`` (mean loss over the chunk), ``steps_per_s`` (compilation excluded) and
-      ``wall_s`` (seconds since the start, compilation included).
+      ``(TrainState, history)``; ``history`` has numpy arrays ``step`` (``state.step`` at each
+      row), ``loss`` (mean loss since the previous row), ``steps_per_s`` (compilation excluded)
+      and ``wall_s`` (seconds since the start, compilation included).
     Raises:
-      JaxdiffError: bad ``steps``, ``batch_size``, ``log_every``, ``ema_decay`` or ``data``.
+      JaxdiffError: bad ``steps``, ``batch_size``, ``log_every``, ``ema_decay``, ``data``,
+        ``mesh``, checkpoint settings, or an incompatible/unreadable checkpoint directory.
       NonFiniteError: the loss became NaN/inf (the message names the first such step).
     """
     from tqdm.auto import tqdm
+
+    from jaxdiff.checkpoint import CheckpointManager
 
     t_start = time.perf_counter()
     steps = check_positive_int("steps", steps)
     batch_size = check_positive_int("batch_size", batch_size)
     log_every = check_positive_int("log_every", log_every)
+    if checkpoint_every is not None:
+        checkpoint_every = check_positive_int("checkpoint_every", checkpoint_every)
+    keep = check_positive_int("keep", keep)
+    if callback is not None and not callable(callback):
+        fail("callback", callback, "a function callback(state, row) or None")
     if not isinstance(model, Denoiser):
         fail("model", type(model).__name__, "a jaxdiff Denoiser (see jaxdiff.models.as_denoiser)")
     arrays = _check_data(model, data, key, batch_size)
+    replicated, batch_sharding = _resolve_mesh(mesh, batch_size)
     if isinstance(params, TrainState):  # resume: steps continue from params.step
         state = params
         _check_decay(ema_decay)
@@ -293,11 +373,35 @@ def train(
             fail("ema_decay", ema_decay, "0 exactly when the resumed state has no EMA params")
     else:
         state = init(params, optimizer, ema_decay)
+    if replicated is not None:
+        state = jax.device_put(state, replicated)
+
+    manager = None
+    if checkpoint_dir is not None:
+        if isinstance(checkpoint_dir, CheckpointManager):
+            manager = checkpoint_dir
+        else:
+            manager = CheckpointManager(
+                checkpoint_dir, every=checkpoint_every or log_every, keep=keep
+            )
+        if manager.every is None:
+            manager.every = checkpoint_every or log_every
+        checkpoint_every = manager.every
+        manager.check_compatible(state)  # raises (touching nothing) for another model
+        if resume and manager.steps():
+            state = manager.restore(state).state
+        target = steps
+    else:
+        checkpoint_every = None
     first_step = int(np.asarray(state.step))
+    if checkpoint_dir is None:
+        target = first_step + steps
     if is_concrete(ema_decay):
         ema_decay = float(np.asarray(ema_decay))  # hashable: a compile-time constant
     static_kw, dynamic_kw = _split_kwargs(loss_kwargs)
     sampler, arrays = (arrays, None) if callable(arrays) else (None, arrays)
+    if replicated is not None and arrays is not None:
+        arrays = jax.device_put(arrays, replicated)
     run = functools.partial(
         _train_chunk,
         model=model,
@@ -308,31 +412,65 @@ def train(
         ema_decay=ema_decay,
         sampler=sampler,
         static_kw=static_kw,
+        batch_sharding=batch_sharding,
     )
+    hist = {"step": [], "loss": [], "steps_per_s": [], "wall_s": []}
+    if first_step >= target:  # already done (a finished run restarted)
+        if manager is not None and not isinstance(checkpoint_dir, CheckpointManager):
+            manager.close()
+        return state, {
+            k: np.asarray(v, np.int64 if k == "step" else np.float64) for k, v in hist.items()
+        }
     # zero steps: compiles (or finds in jit's cache) the chunk, so steps/s excludes compilation
     jax.block_until_ready(run(state, key, arrays, jnp.int32(0)))
-    hist = {"step": [], "loss": [], "steps_per_s": [], "wall_s": []}
-    with tqdm(total=steps, disable=not progress, desc="train", unit="step") as bar:
-        done = 0
-        while done < steps:
-            n = min(log_every, steps - done)
-            t0 = time.perf_counter()
-            state, loss, bad = run(state, key, arrays, jnp.int32(n))
-            loss, bad = float(loss), int(bad)
-            dt = time.perf_counter() - t0
-            done += n
-            if bad >= 0:
-                raise NonFiniteError(
-                    f"training loss is non-finite at step {bad}; lower the learning "
-                    "rate, check the data for NaN/inf, or narrow the time range (t_min/t_max)"
+    try:
+        with tqdm(
+            total=target - first_step, disable=not progress, desc="train", unit="step"
+        ) as bar:
+            cur = first_step
+            acc_loss, acc_n, acc_t = 0.0, 0, 0.0
+            while cur < target:
+                stop = int(
+                    min(
+                        target,
+                        _next_boundary(cur, log_every),
+                        _next_boundary(cur, checkpoint_every),
+                    )
                 )
-            rate = n / dt
-            hist["step"].append(first_step + done)
-            hist["loss"].append(loss)
-            hist["steps_per_s"].append(rate)
-            hist["wall_s"].append(time.perf_counter() - t_start)
-            bar.set_postfix(loss=f"{loss:.4g}", steps_per_s=f"{rate:.0f}")
-            bar.update(n)
+                n = stop - cur
+                t0 = time.perf_counter()
+                state, loss, bad = run(state, key, arrays, jnp.int32(n))
+                loss, bad = float(loss), int(bad)
+                acc_t += time.perf_counter() - t0
+                if bad >= 0:
+                    raise NonFiniteError(
+                        f"training loss is non-finite at step {bad}; lower the learning "
+                        "rate, check the data for NaN/inf, or narrow the time range (t_min/t_max)"
+                    )
+                cur = stop
+                acc_loss += loss * n
+                acc_n += n
+                bar.update(n)
+                if manager is not None and (manager.should_save(cur) or cur == target):
+                    manager.save(cur, state, examples_seen=cur * batch_size, force=cur == target)
+                if cur % log_every == 0 or cur == target:
+                    row = {
+                        "step": cur,
+                        "loss": acc_loss / acc_n,
+                        "steps_per_s": acc_n / max(acc_t, 1e-12),
+                        "wall_s": time.perf_counter() - t_start,
+                    }
+                    for k, v in row.items():
+                        hist[k].append(v)
+                    bar.set_postfix(
+                        loss=f"{row['loss']:.4g}", steps_per_s=f"{row['steps_per_s']:.0f}"
+                    )
+                    acc_loss, acc_n, acc_t = 0.0, 0, 0.0
+                    if callback is not None:
+                        callback(state, row)
+    finally:
+        if manager is not None and not isinstance(checkpoint_dir, CheckpointManager):
+            manager.close()
     history = {
         "step": np.asarray(hist["step"], np.int64),
         "loss": np.asarray(hist["loss"], np.float64),
