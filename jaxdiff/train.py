@@ -250,6 +250,59 @@ def _train_chunk(
     return state, total / jnp.maximum(n, 1), bad
 
 
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "optimizer",
+        "batch_size",
+        "ema_decay",
+        "sampler",
+        "static_kw",
+        "batch_sharding",
+    ),
+)
+def _train_one(
+    state, key, arrays, model, schedule, dynamic_kw, *, optimizer, batch_size, ema_decay,
+    sampler, static_kw, batch_sharding=None,
+):  # fmt: skip
+    """One train step as its own compiled program: ``(state, loss, bad)`` with ``bad`` the step
+    index when the loss is non-finite, else -1 (the per-step form of :func:`_train_chunk`)."""
+    step_fn = make_step(
+        model,
+        schedule,
+        optimizer,
+        ema_decay=ema_decay,
+        batch_size=batch_size,
+        batch_sharding=batch_sharding,
+        **dict(static_kw),
+        **dynamic_kw,
+    )
+    new, metrics = step_fn(state, key, sampler if sampler is not None else arrays)
+    loss = metrics["loss"]
+    return new, loss, jnp.where(jnp.isfinite(loss), jnp.int32(-1), state.step.astype(jnp.int32))
+
+
+def _has_conv_kernels(params) -> bool:
+    """Whether ``params`` hold a convolution kernel (a leaf of rank >= 4)."""
+    return any(jnp.ndim(leaf) >= 4 for leaf in jax.tree.leaves(params))
+
+
+def _resolve_loop(loop: str, params) -> str:
+    """``"fori"`` (one compiled loop per chunk) or ``"python"`` (one compiled step per call).
+
+    ``"auto"`` picks ``"python"`` on the CPU backend when the params hold convolution kernels:
+    XLA:CPU compiles the *gradient* of a convolution inside a while-loop body to code about 50x
+    slower than the same gradient outside a loop (measured with 3x3 convs, 32 channels, batch
+    64: 850 ms vs 16 ms per step; forward convolutions are unaffected), so a U-Net trains far
+    faster one dispatched step at a time. Elsewhere the compiled loop saves the per-step
+    dispatch (~0.1 ms, noticeable for small MLPs)."""
+    if loop not in ("auto", "fori", "python"):
+        fail("loop", loop, "'auto', 'fori' or 'python'")
+    if loop != "auto":
+        return loop
+    return "python" if jax.default_backend() == "cpu" and _has_conv_kernels(params) else "fori"
+
+
 def _resolve_mesh(mesh, batch_size: int):
     """``(replicated, batch)`` NamedShardings for ``mesh`` / ``(mesh, axis_name)`` (or Nones)."""
     if mesh is None:
@@ -293,6 +346,7 @@ def train(
     resume: bool = True,
     mesh=None,
     callback: Callable | None = None,
+    loop: str = "auto",
     **loss_kwargs,
 ) -> tuple[TrainState, dict]:
     """Train ``model`` for ``steps`` optimizer steps; return ``(state, history)``.
@@ -339,6 +393,10 @@ def train(
         along the axis (``batch_size`` must be a multiple of its size). None: default device.
       callback: ``callback(state, row)`` after every history row, ``row`` a dict with ``step``,
         ``loss``, ``steps_per_s``, ``wall_s`` (e.g. periodic metrics or sample grids).
+      loop: ``"fori"``: each chunk is one compiled ``lax.fori_loop``; ``"python"``: one
+        compiled step per Python iteration (same steps and keys); ``"auto"`` (default):
+        ``"python"`` for convolutional nets on the CPU, where XLA compiles convolution gradients
+        inside loops to slow code, else ``"fori"``.
       **loss_kwargs: forwarded to the loss (``loss_fn=`` picks another loss).
     Returns:
       ``(TrainState, history)``; ``history`` has numpy arrays ``step`` (``state.step`` at each
@@ -402,11 +460,8 @@ def train(
     sampler, arrays = (arrays, None) if callable(arrays) else (None, arrays)
     if replicated is not None and arrays is not None:
         arrays = jax.device_put(arrays, replicated)
-    run = functools.partial(
-        _train_chunk,
-        model=model,
-        schedule=schedule,
-        dynamic_kw=dynamic_kw,
+    loop = _resolve_loop(loop, state.params)
+    settings = dict(
         optimizer=optimizer,
         batch_size=batch_size,
         ema_decay=ema_decay,
@@ -414,6 +469,26 @@ def train(
         static_kw=static_kw,
         batch_sharding=batch_sharding,
     )
+    if loop == "python":
+        one = functools.partial(_train_one, **settings)
+
+        def run(state, key, arrays, n):
+            total, bad = jnp.zeros((), jnp.result_type(float)), jnp.int32(-1)
+            for _ in range(int(n)):
+                state, loss, b = one(state, key, arrays, model, schedule, dynamic_kw)
+                total, bad = total + loss, jnp.where(bad < 0, b, bad)
+            return state, total / max(int(n), 1), bad
+
+        def warm_up():  # compiles (or finds in jit's cache) the step
+            return one(state, key, arrays, model, schedule, dynamic_kw)
+    else:
+        run = functools.partial(
+            _train_chunk, model=model, schedule=schedule, dynamic_kw=dynamic_kw, **settings
+        )
+
+        def warm_up():  # zero steps: compiles (or finds in jit's cache) the chunk
+            return run(state, key, arrays, jnp.int32(0))
+
     hist = {"step": [], "loss": [], "steps_per_s": [], "wall_s": []}
     if first_step >= target:  # already done (a finished run restarted)
         if manager is not None and not isinstance(checkpoint_dir, CheckpointManager):
@@ -421,8 +496,7 @@ def train(
         return state, {
             k: np.asarray(v, np.int64 if k == "step" else np.float64) for k, v in hist.items()
         }
-    # zero steps: compiles (or finds in jit's cache) the chunk, so steps/s excludes compilation
-    jax.block_until_ready(run(state, key, arrays, jnp.int32(0)))
+    jax.block_until_ready(warm_up())  # so steps/s excludes compilation
     try:
         with tqdm(
             total=target - first_step, disable=not progress, desc="train", unit="step"

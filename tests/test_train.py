@@ -51,6 +51,25 @@ def test_train_is_deterministic_and_chunk_invariant():
     assert np.all(np.isfinite(h1["loss"])) and np.all(h1["steps_per_s"] > 0)
 
 
+def test_python_loop_takes_the_same_steps_as_the_compiled_loop():
+    """loop="python" (one compiled step per call; auto-picked for conv nets on the CPU) runs the
+    same steps with the same keys: equal to the fori_loop chunks to float tolerance."""
+    model, params = _linear_model()
+    s1, h1 = train.train(KEY, model, params, SCHED, DATA, OPT, 40, **RUN, loop="fori")
+    s2, h2 = train.train(KEY, model, params, SCHED, DATA, OPT, 40, **RUN, loop="python")
+    assert int(s2.step) == 40
+    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h1["loss"], h2["loss"], rtol=1e-5)
+    assert train._resolve_loop("auto", params) == "fori"  # no conv kernels
+    conv = {"kernel": jnp.zeros((3, 3, 1, 4))}
+    assert train._resolve_loop("auto", conv) == (
+        "python" if jax.default_backend() == "cpu" else "fori"
+    )
+    with pytest.raises(JaxdiffError, match="loop"):
+        train.train(KEY, model, params, SCHED, DATA, OPT, 5, **RUN, loop="while")
+
+
 def test_ema_matches_manual_computation():
     model, params = _linear_model()
     opt = optax.sgd(0.1)
