@@ -51,6 +51,9 @@ bench: setup
 	$(PY) benchmarks/rcgdm.py
 	$(PY) benchmarks/gradient_guided.py
 	$(PY) benchmarks/reward_finetune.py
+	$(PY) benchmarks/training.py
+	$(PY) benchmarks/digits.py
+	$(PY) benchmarks/dit_gp.py
 
 clean:
 	rm -rf $(VENV) site .pytest_cache .ruff_cache samples.png
