@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -17,9 +19,19 @@ __all__ = ["sample", "prior_sample"]
 
 def prior_sample(key, schedule: Schedule, shape, dtype=None):
     """``x_T ~ N(0, prior_std^2 I)`` of ``shape = (batch, *event)``; row ``i`` depends only on
-    ``(key, i)`` so samples do not change with the batch size."""
-    dtype = dtype or jnp.result_type(float)
-    draw = lambda i: jax.random.normal(jax.random.fold_in(key, i), tuple(shape[1:]), dtype)  # noqa: E731
+    ``(key, i)`` so samples do not change with the batch size.
+
+    Always compiled (a jitted function, inlined when called under a trace): eager op-by-op
+    dispatch rounds the normal transform differently from XLA's fused code, so without it a
+    prior drawn outside ``jit`` would differ in the last bits from one drawn inside
+    (``jaxdiff.parallel`` draws inside)."""
+    dtype = jnp.dtype(dtype or jnp.result_type(float))
+    return _prior_sample(key, schedule, tuple(int(s) for s in shape), dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "dtype"))
+def _prior_sample(key, schedule, shape, dtype):
+    draw = lambda i: jax.random.normal(jax.random.fold_in(key, i), shape[1:], dtype)  # noqa: E731
     z = jax.vmap(draw)(jnp.arange(shape[0]))
     return schedule.prior_std().astype(dtype) * z
 

@@ -17,6 +17,8 @@ their whole solve (diffrax with adaptive steps) override :meth:`Sampler.solve`.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -27,7 +29,14 @@ from flax import struct
 from jaxdiff.denoiser import Denoiser
 from jaxdiff.schedules import Schedule
 
-__all__ = ["Kernel", "Sampler", "SampleInfo", "solve", "per_example_normal"]
+__all__ = [
+    "Kernel",
+    "Sampler",
+    "SampleInfo",
+    "solve",
+    "per_example_normal",
+    "example_index_offset",
+]
 
 
 class Kernel(NamedTuple):
@@ -77,13 +86,37 @@ class Sampler(struct.PyTreeNode):
         return scan_solve(key, self, model, params, schedule, x_T, ts, cond, unroll=unroll)
 
 
+_INDEX_OFFSET = threading.local()
+
+
+@contextlib.contextmanager
+def example_index_offset(offset):
+    """Trace-time context: inside it, :func:`per_example_normal` numbers the rows of ``x`` from
+    ``offset`` (an int or a traced int scalar) instead of 0.
+
+    Used by :mod:`jaxdiff.parallel` to solve a slice of a global batch (one device's rows, one
+    micro-batch) with the noise that rows ``offset .. offset + n - 1`` get in the whole batch.
+    It only affects code traced inside the ``with`` block; outside it nothing changes.
+    """
+    prev = getattr(_INDEX_OFFSET, "value", None)
+    _INDEX_OFFSET.value = offset
+    try:
+        yield
+    finally:
+        _INDEX_OFFSET.value = prev
+
+
 def per_example_normal(key, x):
     """Standard normal noise shaped like ``x`` whose row ``i`` depends only on ``(key, i)``.
 
     So a stochastic sampler gives example ``i`` the same noise whatever the batch size, and
-    ``vmap`` over keys gives independent paths.
+    ``vmap`` over keys gives independent paths. Inside :func:`example_index_offset` row ``i`` is
+    keyed by ``offset + i`` (its index in the global batch).
     """
     idx = jnp.arange(x.shape[0])
+    offset = getattr(_INDEX_OFFSET, "value", None)
+    if offset is not None:
+        idx = idx + jnp.asarray(offset, idx.dtype)
     draw = lambda i: jax.random.normal(jax.random.fold_in(key, i), x.shape[1:], x.dtype)  # noqa: E731
     return jax.vmap(draw)(idx)
 
