@@ -337,6 +337,7 @@ def _pipeline():
     return dist, true, r_hat, nu, x_u, pipe, hist
 
 
+@pytest.mark.slow  # trains two networks; the exact-score tests cover the pipeline by default
 def test_small_trained_pipeline_moves_the_reward_toward_the_target():
     """Default-run version of the R^64 experiment: R^16 with a 4-dim subspace, 64 labelled points,
     a small MLP trained briefly. The achieved reward rises with a and tracks the closed form

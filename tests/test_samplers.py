@@ -215,9 +215,23 @@ def _setup():
     return sch, model, params
 
 
-# the diffrax SDE and fixed-step ODE paths compile slowly; their contract runs with -m slow
-# (pf_ode, the adaptive diffrax path, stays in the default run)
-_SLOW_CONTRACT = {"reverse_sde", "pf_ode_fixed", "accelerated_sde"}
+# the default run checks the contract on one member of each family (ddim, ddpm, pf_ode,
+# euler_maruyama, dpm_solver_pp2M, sde_dpm_solver_pp2M, unipc2, heun, predictor_corrector,
+# accelerated_ode); the variants below run with -m slow (their accuracy and order tests stay
+# in the default run)
+_SLOW_CONTRACT = {
+    "reverse_sde",
+    "pf_ode_fixed",
+    "accelerated_sde",
+    "ddim_eta",
+    "ddpm_large",
+    "dpm_solver3",
+    "dpm_solver_pp3M",
+    "dpm_solver_pp2S",
+    "deis3",
+    "edm_euler",
+    "heun_churn",
+}
 
 
 @pytest.mark.parametrize(
@@ -465,7 +479,7 @@ def test_bf16_model_keeps_schedule_arithmetic_in_float32(name):
     assert rel < 2e-2, rel
 
 
-@pytest.mark.parametrize("name", ["dpm_solver_pp2", "ddpm"])
+@pytest.mark.parametrize("name", [pytest.param("dpm_solver_pp2", marks=pytest.mark.slow), "ddpm"])
 def test_unrolled_step_loop_gives_the_same_samples(x64, name):
     # unroll only changes how XLA lays out the loop: same samples (float64: to rounding), and
     # stochastic samplers keep their per-step keys fold_in(key, i)

@@ -98,6 +98,7 @@ def test_unet_zero_init_rows_and_null_label(unet):
     assert np.max(np.abs(out[0] - null[0])) > 1e-3
 
 
+@pytest.mark.slow  # ~15 s; notebook 06 trains a UNet end to end in the default run
 def test_unet_trains_toward_exact_gaussian_score(unet):
     """Oracle: 4x4 images from a correlated Gaussian (exact score known). The relative score
     error E||s_theta - s*||^2 / E||s*||^2 is exactly 1 at init (zero eps prediction); measured
@@ -316,6 +317,7 @@ def test_mixed_precision_unet(unet):
     assert err < 3e-2
 
 
+@pytest.mark.slow  # the UNet mixed-precision test stays in the default run
 def test_mixed_precision_dit_and_mlp(dit):
     """DiT and MLPScoreNet in bf16: fp32 params, fp32 output, relative error vs fp32 < 3e-2
     (measured 2.1e-2 and 4.6e-3 with these perturbed params);
