@@ -38,9 +38,9 @@ from jaxdiff.denoiser import Denoiser
 from jaxdiff.losses import dsm_loss
 from jaxdiff.samplers.base import Sampler, example_index_offset, solve
 from jaxdiff.samplers.classic import ddim
-from jaxdiff.samplers.grids import check_grid, time_grid
+from jaxdiff.samplers.grids import resolve_grid
 from jaxdiff.schedules import Schedule
-from jaxdiff.train import TrainState, _check_decay, _no_ema, draw_batch
+from jaxdiff.train import TrainState, _check_decay, apply_gradients, draw_batch
 
 __all__ = [
     "make_mesh",
@@ -242,20 +242,10 @@ def _prepare(
         fail("num_or_shape", num_or_shape, "a number of samples or a shape (batch, *event)")
     chunk = check_positive_int("chunk", chunk)
     dtype = jnp.dtype(dtype or jnp.result_type(float))
-    if ts is None:
-        if steps is None:
-            fail("steps", steps, "an integer >= 1 (or pass ts=...)")
-        steps = check_positive_int("steps", steps, max(1, sampler.min_steps))
-        ts = time_grid(
-            schedule,
-            steps,
-            grid or sampler.default_grid,
-            t_start=t_start,
-            t_end=t_end,
-            dtype=dtype,
-        )
-    else:
-        ts = check_grid(ts, schedule, "ts", max(1, sampler.min_steps))
+    ts = resolve_grid(
+        schedule, sampler.min_steps, sampler.default_grid, steps, ts, grid, t_start, t_end,
+        dtype=dtype,
+    )  # fmt: skip
     num = shape[0]
     block = n_dev * chunk
     padded = -(-num // block) * block
@@ -504,15 +494,7 @@ def make_pmap_step(
         )
         grads = jax.lax.pmean(grads, axis_name)
         loss = jax.lax.pmean(loss, axis_name)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        if state.ema_params is None:
-            if not _no_ema(ema_decay):
-                fail("ema_decay", ema_decay, "0 for a state made by init(..., ema_decay=0)")
-            ema = None
-        else:
-            ema = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
-        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+        new = apply_gradients(state, grads, optimizer, ema_decay)
         return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
     return step

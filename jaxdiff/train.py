@@ -32,6 +32,7 @@ __all__ = [
     "TrainState",
     "init",
     "make_step",
+    "apply_gradients",
     "draw_batch",
     "train",
     "fit",
@@ -98,6 +99,21 @@ def draw_batch(key, data, batch_size: int):
     return take(x), (None if cond is None else jax.tree.map(take, cond))
 
 
+def apply_gradients(state: TrainState, grads, optimizer, ema_decay) -> TrainState:
+    """One optimizer update and EMA step: ``params <- apply_updates(params, optimizer.update(g))``,
+    ``ema <- d ema + (1 - d) params`` (``d = ema_decay``; no EMA for a state without one),
+    ``step <- step + 1``. Shared by :func:`make_step` and :func:`jaxdiff.parallel.make_pmap_step`."""
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if state.ema_params is None:
+        if not _no_ema(ema_decay):
+            fail("ema_decay", ema_decay, "0 for a state made by init(..., ema_decay=0)")
+        ema = None
+    else:
+        ema = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+
+
 def make_step(
     model: Denoiser,
     schedule: Schedule,
@@ -144,16 +160,10 @@ def make_step(
         loss, grads = jax.value_and_grad(loss_fn)(
             state.params, k_loss, model, schedule, x, cond, **loss_kwargs
         )
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        if state.ema_params is None:
-            if not _no_ema(ema_decay):
-                fail("ema_decay", ema_decay, "0 for a state made by init(..., ema_decay=0)")
-            ema = None
-        else:
-            ema = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
-        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
-        return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return apply_gradients(state, grads, optimizer, ema_decay), {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+        }
 
     return step
 

@@ -54,7 +54,7 @@ from jaxdiff.losses import dsm_loss
 from jaxdiff.samplers.api import prior_sample
 from jaxdiff.samplers.base import Sampler
 from jaxdiff.samplers.classic import DDIM, DDPM, EulerMaruyama, ddim
-from jaxdiff.samplers.grids import check_grid, time_grid
+from jaxdiff.samplers.grids import resolve_grid
 from jaxdiff.schedules import Schedule
 
 __all__ = [
@@ -457,20 +457,10 @@ def init(
     if is_concrete(ema_decay) and not 0.0 <= float(ema_decay) < 1.0:
         fail("ema_decay", ema_decay, "a number in [0, 1) (0 disables the EMA)")
     dtype = dtype or jnp.result_type(float)
-    if ts is None:
-        if num_steps is None:
-            fail("num_steps", None, "an integer >= 1 (or pass ts=...)")
-        num_steps = check_positive_int("num_steps", num_steps, max(1, sampler.min_steps))
-        ts = time_grid(
-            schedule,
-            num_steps,
-            grid or sampler.default_grid,
-            t_start=t_start,
-            t_end=t_end,
-            dtype=dtype,
-        )
-    else:
-        ts = check_grid(ts, schedule, "ts", max(1, sampler.min_steps))
+    ts = resolve_grid(
+        schedule, sampler.min_steps, sampler.default_grid, num_steps, ts, grid, t_start, t_end,
+        dtype=dtype, steps_arg="num_steps",
+    )  # fmt: skip
     n = int(ts.shape[0]) - 1
     k = n if k is None else _check_k(k, n)
     no_ema = is_concrete(ema_decay) and float(ema_decay) == 0.0

@@ -7,11 +7,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxdiff._checks import NonFiniteError, SolverError, check_positive_int, fail, is_concrete
+from jaxdiff._checks import NonFiniteError, SolverError, fail, is_concrete
 from jaxdiff.denoiser import Denoiser
 from jaxdiff.samplers.base import Sampler, solve
 from jaxdiff.samplers.classic import ddim
-from jaxdiff.samplers.grids import check_grid, time_grid
+from jaxdiff.samplers.grids import resolve_grid
 from jaxdiff.schedules import Schedule
 
 __all__ = ["sample", "prior_sample"]
@@ -115,20 +115,10 @@ def sample(
     else:
         x_T = jnp.asarray(x_T_or_shape)
         model.check_x(x_T, "x_T")
-    if ts is None:
-        if steps is None:
-            fail("steps", steps, "an integer >= 1 (or pass ts=...)")
-        steps = check_positive_int("steps", steps, max(1, sampler.min_steps))
-        ts = time_grid(
-            schedule,
-            steps,
-            grid or sampler.default_grid,
-            t_start=t_start,
-            t_end=t_end,
-            dtype=x_T.dtype,
-        )
-    else:
-        ts = check_grid(ts, schedule, "ts", max(1, sampler.min_steps))
+    ts = resolve_grid(
+        schedule, sampler.min_steps, sampler.default_grid, steps, ts, grid, t_start, t_end,
+        dtype=x_T.dtype,
+    )  # fmt: skip
     if cond is not None and is_concrete(cond):
         for leaf in jax.tree_util.tree_leaves(cond):
             if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != x_T.shape[0]:

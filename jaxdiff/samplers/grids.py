@@ -98,3 +98,32 @@ def check_grid(ts, schedule: Schedule, arg: str = "ts", min_steps: int = 1):
             )
         schedule.check_t(ts, arg)
     return as_float_array(ts)
+
+
+def resolve_grid(
+    schedule: Schedule,
+    min_steps: int,
+    default_grid: str,
+    steps=None,
+    ts=None,
+    grid: str | None = None,
+    t_start=None,
+    t_end=None,
+    dtype=None,
+    steps_arg: str = "steps",
+):
+    """The time grid of a sampling call: ``ts`` checked with :func:`check_grid`, or (when ``ts``
+    is None) :func:`time_grid` of ``steps`` intervals of kind ``grid or default_grid``.
+
+    Shared by :func:`jaxdiff.sample`, :func:`jaxdiff.parallel.sample` and the fine-tuning loop.
+    ``min_steps`` is the sampler's fewest grid steps; ``steps_arg`` names ``steps`` in errors.
+    Returns ``ts`` of shape ``(steps + 1,)``.
+    """
+    if ts is not None:
+        return check_grid(ts, schedule, "ts", max(1, min_steps))
+    if steps is None:
+        fail(steps_arg, steps, "an integer >= 1 (or pass ts=...)")
+    steps = check_positive_int(steps_arg, steps, max(1, min_steps))
+    return time_grid(
+        schedule, steps, grid or default_grid, t_start=t_start, t_end=t_end, dtype=dtype
+    )
