@@ -217,26 +217,15 @@ def _split_kwargs(kwargs):
     return tuple(sorted(static.items())), dynamic
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "optimizer",
-        "batch_size",
-        "ema_decay",
-        "sampler",
-        "static_kw",
-        "batch_sharding",
-    ),
-)
-def _train_chunk(
-    state, key, arrays, n, model, schedule, dynamic_kw, *, optimizer, batch_size, ema_decay,
-    sampler, static_kw, batch_sharding=None,
-):  # fmt: skip
-    """``n`` (traced) train steps in one compiled loop; ``(state, mean loss, first bad step)``.
+#: compile-time settings of the two training loops below (hashable; part of jit's cache key)
+_LOOP_STATICS = ("optimizer", "batch_size", "ema_decay", "sampler", "static_kw", "batch_sharding")
 
-    Module-level and keyed on hashable settings, so repeated :func:`train` calls with the same
-    model, optimizer and settings reuse the compiled loop."""
-    step_fn = make_step(
+
+def _loop_step(
+    model, schedule, dynamic_kw, optimizer, batch_size, ema_decay, static_kw, batch_sharding
+):  # fmt: skip
+    """The :func:`make_step` both training loops run (loss kwargs split into static/dynamic)."""
+    return make_step(
         model,
         schedule,
         optimizer,
@@ -245,6 +234,20 @@ def _train_chunk(
         batch_sharding=batch_sharding,
         **dict(static_kw),
         **dynamic_kw,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=_LOOP_STATICS)
+def _train_chunk(
+    state, key, arrays, n, model, schedule, dynamic_kw, *, optimizer, batch_size, ema_decay,
+    sampler, static_kw, batch_sharding=None,
+):  # fmt: skip
+    """``n`` (traced) train steps in one compiled loop; ``(state, mean loss, first bad step)``.
+
+    Module-level and keyed on hashable settings, so repeated :func:`train` calls with the same
+    model, optimizer and settings reuse the compiled loop."""
+    step_fn = _loop_step(
+        model, schedule, dynamic_kw, optimizer, batch_size, ema_decay, static_kw, batch_sharding
     )
     data = sampler if sampler is not None else arrays
 
@@ -260,32 +263,15 @@ def _train_chunk(
     return state, total / jnp.maximum(n, 1), bad
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "optimizer",
-        "batch_size",
-        "ema_decay",
-        "sampler",
-        "static_kw",
-        "batch_sharding",
-    ),
-)
+@functools.partial(jax.jit, static_argnames=_LOOP_STATICS)
 def _train_one(
     state, key, arrays, model, schedule, dynamic_kw, *, optimizer, batch_size, ema_decay,
     sampler, static_kw, batch_sharding=None,
 ):  # fmt: skip
     """One train step as its own compiled program: ``(state, loss, bad)`` with ``bad`` the step
     index when the loss is non-finite, else -1 (the per-step form of :func:`_train_chunk`)."""
-    step_fn = make_step(
-        model,
-        schedule,
-        optimizer,
-        ema_decay=ema_decay,
-        batch_size=batch_size,
-        batch_sharding=batch_sharding,
-        **dict(static_kw),
-        **dynamic_kw,
+    step_fn = _loop_step(
+        model, schedule, dynamic_kw, optimizer, batch_size, ema_decay, static_kw, batch_sharding
     )
     new, metrics = step_fn(state, key, sampler if sampler is not None else arrays)
     loss = metrics["loss"]
