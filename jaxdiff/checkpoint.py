@@ -9,6 +9,11 @@
         meta/metadata           # JSON: step, examples_seen, fingerprint, digest, config
       44.orbax-checkpoint-tmp/  # a save in progress (or killed): never read
 
+One format, one API: :func:`save` / :func:`restore` (one-off saves, e.g. from a notebook; also
+``jaxdiff.train.save_checkpoint`` / ``restore_checkpoint``), ``jaxdiff.train.train(...,
+checkpoint_dir=...)``, the ``jaxdiff train`` command and :class:`CheckpointManager` all write
+and read the layout above, so any of them reads what any other wrote.
+
 Atomicity: orbax writes every step into ``<step>.orbax-checkpoint-tmp`` and renames it to
 ``<step>`` only after every file is written and flushed (``AtomicRenameTemporaryPath``; saves are
 synchronous here), so a process killed mid-save leaves only a temporary directory, which is
@@ -27,8 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
+import re
 import shutil
 import time
 import warnings
@@ -38,16 +43,24 @@ import jax
 import numpy as np
 
 from jaxdiff._checks import JaxdiffError, check_positive_int, fail
+from jaxdiff._ckpt_meta import (
+    FORMAT_VERSION,
+    _jsonable,
+    check_fingerprint,
+    committed_steps,
+    latest_readable,
+    read_metadata,
+)
 
 __all__ = [
+    "save",
+    "restore",
     "CheckpointManager",
     "CheckpointWarning",
     "Restored",
     "fingerprint",
     "check_fingerprint",
 ]
-
-FORMAT_VERSION = 1
 
 
 class CheckpointWarning(UserWarning):
@@ -64,6 +77,8 @@ def _flatten(tree) -> tuple[list[str], list[Any], Any]:
 
 
 def _leaf_dtype(leaf) -> str:
+    if isinstance(leaf, bool | int | float | complex):  # a Python scalar: JAX's default dtype
+        return str(jax.dtypes.canonicalize_dtype(np.result_type(type(leaf))))
     return str(np.dtype(getattr(leaf, "dtype", None) or np.asarray(leaf).dtype))
 
 
@@ -84,56 +99,6 @@ def fingerprint(state, config: dict | None = None) -> dict:
         for p, x in zip(paths, leaves, strict=True)
     ]
     return {"leaves": out, "config": None if config is None else _jsonable(config)}
-
-
-def _jsonable(obj):
-    return json.loads(json.dumps(obj, default=str, sort_keys=True))
-
-
-def _flat_config(d, prefix="") -> dict:
-    out = {}
-    if isinstance(d, dict):
-        for k, v in d.items():
-            out.update(_flat_config(v, f"{prefix}.{k}" if prefix else str(k)))
-    else:
-        out[prefix] = d
-    return out
-
-
-def check_fingerprint(saved: dict, expected: dict, where: str = "checkpoint") -> None:
-    """Raise :class:`JaxdiffError` unless two :func:`fingerprint` results describe the same
-    layout (and, when both carry one, the same config).
-
-    The config is compared first (the message names the first differing key), then the leaves
-    (the message names the first mismatching leaf path with its saved and expected shape and
-    dtype)."""
-    s_cfg, e_cfg = saved.get("config"), expected.get("config")
-    if s_cfg is not None and e_cfg is not None and s_cfg != e_cfg:
-        fs, fe = _flat_config(s_cfg), _flat_config(e_cfg)
-        for k in sorted(set(fs) | set(fe)):
-            if fs.get(k, "<absent>") != fe.get(k, "<absent>"):
-                raise JaxdiffError(
-                    f"{where} was written with a different config: {k} is "
-                    f"{fs.get(k, '<absent>')!r} there, {fe.get(k, '<absent>')!r} now "
-                    "(use another directory, or restore the original config)"
-                )
-    s_leaves, e_leaves = saved.get("leaves", []), expected.get("leaves", [])
-    for i in range(max(len(s_leaves), len(e_leaves))):
-        s = s_leaves[i] if i < len(s_leaves) else None
-        e = e_leaves[i] if i < len(e_leaves) else None
-        if s == e:
-            continue
-        desc = lambda v: "absent" if v is None else f"shape {tuple(v['shape'])} {v['dtype']}"  # noqa: E731
-        path = (e or s)["path"] if (s is None or e is None or s["path"] == e["path"]) else None
-        if path is None:
-            raise JaxdiffError(
-                f"{where} is from an incompatible model: leaf {i} is {s['path']} "
-                f"({desc(s)}) in the checkpoint but {e['path']} ({desc(e)}) in the model"
-            )
-        raise JaxdiffError(
-            f"{where} is from an incompatible model: leaf {path} has saved {desc(s)}, "
-            f"expected {desc(e)}"
-        )
 
 
 def _host_tree(tree):
@@ -194,17 +159,20 @@ class CheckpointManager:
     Args:
       directory: where the step directories live (created on the first save).
       every: save period for :meth:`should_save` (``None``: only explicit/forced saves).
-      keep: number of most recent steps kept (older ones are deleted after each save).
+      keep: number of most recent steps kept (older ones are deleted after each save); None
+        keeps every step.
       config: an optional JSON-able dict stored with every step and compared on restore/save
         (a different config raises :class:`JaxdiffError` naming the first differing key).
 
     Use as a context manager or call :meth:`close`.
     """
 
-    def __init__(self, directory, *, every: int | None = None, keep: int = 3, config=None):
+    def __init__(self, directory, *, every: int | None = None, keep: int | None = 3, config=None):
+        if not isinstance(directory, str | os.PathLike):
+            fail("directory", directory, "a path (str or os.PathLike)")
         self.directory = os.path.abspath(os.fspath(directory))
         self.every = None if every is None else check_positive_int("every", every)
-        self.keep = check_positive_int("keep", keep)
+        self.keep = None if keep is None else check_positive_int("keep", keep)
         if config is not None and not isinstance(config, dict):
             fail("config", config, "a JSON-able dict or None")
         self.config = None if config is None else _jsonable(config)
@@ -243,13 +211,7 @@ class CheckpointManager:
     def steps(self) -> list[int]:
         """The committed step directories, ascending (temporary directories excluded; a
         committed step may still fail verification on restore)."""
-        if not os.path.isdir(self.directory):
-            return []
-        out = []
-        for name in os.listdir(self.directory):
-            if name.isdigit() and os.path.isdir(os.path.join(self.directory, name)):
-                out.append(int(name))
-        return sorted(out)
+        return committed_steps(self.directory)
 
     def latest_step(self) -> int | None:
         """The highest committed step, or None."""
@@ -262,22 +224,10 @@ class CheckpointManager:
 
     def metadata(self, step: int) -> dict:
         """The JSON metadata of ``step``; raises if it is missing or unreadable."""
-        path = os.path.join(self.directory, str(step), "meta", "metadata")
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{path}: not jaxdiff checkpoint metadata (format {FORMAT_VERSION})")
-        if meta.get("step") != step or "fingerprint" not in meta or "digest" not in meta:
-            raise ValueError(f"{path}: metadata does not describe step {step}")
-        return meta
+        return read_metadata(self.directory, step)
 
     def _latest_readable_meta(self):
-        for s in reversed(self.steps()):
-            try:
-                return s, self.metadata(s)
-            except Exception:  # noqa: BLE001 - an unreadable step is skipped here
-                continue
-        return None, None
+        return latest_readable(self.directory)
 
     def check_compatible(self, state) -> None:
         """Raise :class:`JaxdiffError` if the newest readable step's fingerprint (or config)
@@ -335,7 +285,7 @@ class CheckpointManager:
             "has_data_state": data_state is not None,
             "time": time.time(),
         }
-        os.makedirs(self.directory, exist_ok=True)
+        _ensure_writable(self.directory)
         mngr = self._manager()
         mngr.reload()
         for s in self.steps():
@@ -353,15 +303,10 @@ class CheckpointManager:
         return True
 
     # ---- restore -------------------------------------------------------------------------
-    def _restore_step(self, step: int, target, data_template, expected: dict):
+    def _read_leaves(self, step: int, meta: dict, n: int, data_template):
+        """``(host leaves, raw data_state)`` of ``step``, checked against the metadata digest."""
         import orbax.checkpoint as ocp
 
-        meta = self.metadata(step)
-        check_fingerprint(
-            meta["fingerprint"],
-            expected,
-            where=f"checkpoint directory {self.directory} (step {step})",
-        )
         mngr = self._manager()
         mngr.reload()
         items = {"state": ocp.args.StandardRestore()}
@@ -373,22 +318,66 @@ class CheckpointManager:
             )
         raw = mngr.restore(step, args=ocp.args.Composite(**items))
         saved = raw["state"]
-        n = len(expected["leaves"])
         keys = [f"{i:06d}" for i in range(n)]
         if not isinstance(saved, dict) or sorted(saved) != keys:
             raise ValueError(f"step {step}: the saved state does not hold {n} leaves")
         host = [np.asarray(saved[k]) for k in keys]
         if _digest(host) != meta["digest"]:
             raise ValueError(f"step {step}: the leaves' SHA-256 digest does not match the metadata")
+        return host, (raw.get("data") if meta.get("has_data_state") else None)
+
+    def _restore_step(self, step: int, target, data_template, expected: dict):
+        meta = self.metadata(step)
+        check_fingerprint(
+            meta["fingerprint"],
+            expected,
+            where=f"checkpoint directory {self.directory} (step {step})",
+        )
+        host, data_state = self._read_leaves(step, meta, len(expected["leaves"]), data_template)
         _, t_leaves, treedef = _flatten(target)
         placed = [_place(h, t) for h, t in zip(host, t_leaves, strict=True)]
-        data_state = raw.get("data") if meta.get("has_data_state") else None
         return Restored(
             state=jax.tree_util.tree_unflatten(treedef, placed),
             step=step,
             examples_seen=meta.get("examples_seen"),
             data_state=data_state,
             metadata=meta,
+        )
+
+    def restore_raw(self, *, step: int | None = None) -> dict:
+        """The saved leaves of the newest good step (or ``step``) without a target: nested dicts
+        keyed by each leaf's path components (see :func:`restore`), digest-verified."""
+        steps = self.steps()
+        if not steps:
+            fail("directory", self.directory, "a directory holding at least one checkpoint step")
+        if step is not None and step not in steps:
+            fail("step", step, f"one of the saved steps {steps}")
+        bad = []
+        for s in [step] if step is not None else list(reversed(steps)):
+            try:
+                meta = self.metadata(s)
+                leaves_meta = meta["fingerprint"]["leaves"]
+                host = self._read_leaves(s, meta, len(leaves_meta), None)[0]
+            except Exception as e:  # noqa: BLE001 - corrupt/partial: fall back
+                if step is not None:
+                    raise JaxdiffError(
+                        f"checkpoint step {s} in {self.directory} is unreadable: {e}"
+                    ) from e
+                bad.append((s, f"{type(e).__name__}: {e}"))
+                continue
+            if bad:
+                self._warn_fallback(bad, s)
+            return _nest([leaf["path"] for leaf in leaves_meta], host)
+        listed = "; ".join(f"step {b} ({why[:200]})" for b, why in bad)
+        raise JaxdiffError(f"no readable checkpoint in {self.directory}: {listed}")
+
+    def _warn_fallback(self, bad, used: int) -> None:
+        listed = "; ".join(f"step {b} ({why[:200]})" for b, why in bad)
+        warnings.warn(
+            f"checkpoint {listed} in {self.directory} is corrupt or incomplete; "
+            f"restored step {used} instead",
+            CheckpointWarning,
+            stacklevel=3,
         )
 
     def restore(self, target, *, step: int | None = None, data_state=None) -> Restored:
@@ -436,16 +425,132 @@ class CheckpointManager:
                 bad.append((s, f"{type(e).__name__}: {e}"))
                 continue
             if bad:
-                listed = "; ".join(f"step {b} ({why[:200]})" for b, why in bad)
-                warnings.warn(
-                    f"checkpoint {listed} in {self.directory} is corrupt or incomplete; "
-                    f"restored step {s} instead",
-                    CheckpointWarning,
-                    stacklevel=2,
-                )
+                self._warn_fallback(bad, s)
             return out
         listed = "; ".join(f"step {b} ({why[:200]})" for b, why in bad)
         raise JaxdiffError(f"no readable checkpoint in {self.directory}: {listed}")
+
+
+def _ensure_writable(directory: str) -> None:
+    """Create ``directory`` if needed; raise :class:`JaxdiffError` naming it when it cannot be
+    created or written (before any checkpoint file is touched)."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        fail("directory", directory, f"a directory that can be created ({e.strerror or e})")
+    if not os.path.isdir(directory):
+        fail("directory", directory, "a directory (a file of that name exists)")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        fail("directory", directory, "a writable directory (permission denied)")
+
+
+_PATH_TOKEN = re.compile(
+    r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(?:'((?:[^'\\]|\\.)*)'|\"([^\"]*)\"|(-?\d+))\]"
+)
+
+
+def _parse_path(path: str) -> list:
+    """The keys of a ``jax.tree_util.keystr`` path: ``.params['w'][0]`` -> ``['params', 'w', 0]``
+    (attribute and dict keys as strings, sequence indices as ints)."""
+    keys, pos = [], 0
+    for m in _PATH_TOKEN.finditer(path):
+        if m.start() != pos:
+            return [path]
+        attr, sq, dq, idx = m.groups()
+        keys.append(int(idx) if idx is not None else (attr or sq or dq or ""))
+        pos = m.end()
+    return keys if pos == len(path) and keys else [path]
+
+
+def _nest(paths, leaves) -> dict:
+    """Nested dicts keyed by the path components of each leaf (a target-less restore)."""
+    out: dict = {}
+    for path, leaf in zip(paths, leaves, strict=True):
+        keys = _parse_path(path)
+        d = out
+        for k in keys[:-1]:
+            nxt = d.setdefault(k, {})
+            if not isinstance(nxt, dict):  # a leaf and a subtree at one path: keep both flat
+                d, keys = out, [path]
+                break
+            d = nxt
+        d[keys[-1]] = leaf
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# one-off save / restore
+# ------------------------------------------------------------------------------------------
+def save(
+    directory,
+    state,
+    step: int | None = None,
+    *,
+    keep: int | None = None,
+    examples_seen: int | None = None,
+    data_state=None,
+    config: dict | None = None,
+) -> str:
+    """Save a pytree (e.g. a ``TrainState``) as checkpoint ``step`` under ``directory``.
+
+    The same layout, atomic commit, fingerprint and digest as :class:`CheckpointManager` (this is
+    ``CheckpointManager(directory, keep=keep, config=config).save(step, state, force=True)``), so
+    :func:`restore`, ``train(..., checkpoint_dir=directory)`` and ``jaxdiff sample`` read it.
+    Committed steps ``>= step`` in the directory are replaced; a directory holding another
+    model's checkpoints is refused before anything is written.
+
+    Args:
+      directory: where the step directories live (created if needed; must be writable).
+      state: a pytree of arrays.
+      step: the step number (default ``state.step``, or 0 for a state without one).
+      keep: keep only the newest ``keep`` steps (default: all).
+      examples_seen, data_state, config: stored with the step (see :class:`CheckpointManager`).
+    Returns:
+      the absolute path of ``directory``.
+    Raises:
+      JaxdiffError: a bad or unwritable ``directory``, a bad ``step``, or a directory written by
+        a different model or config.
+    """
+    if step is None:
+        step = getattr(state, "step", 0)
+    if isinstance(step, jax.Array | np.ndarray | np.generic):
+        if np.ndim(step) != 0 or not np.issubdtype(np.asarray(step).dtype, np.integer):
+            fail("step", step, "an integer >= 0")
+        step = int(np.asarray(step))
+    step = check_positive_int("step", step, minimum=0)
+    with CheckpointManager(directory, keep=keep, config=config) as m:
+        m.save(step, state, examples_seen=examples_seen, data_state=data_state, force=True)
+        return m.directory
+
+
+def restore(directory, target=None, *, step: int | None = None, config: dict | None = None):
+    """Restore a checkpoint written by :func:`save`, ``train(..., checkpoint_dir=...)``, the
+    ``jaxdiff train`` command or :class:`CheckpointManager`.
+
+    The newest good step is restored (a corrupt newest step falls back to the previous one with
+    a :class:`CheckpointWarning`, as :meth:`CheckpointManager.restore`), or exactly ``step``.
+
+    Args:
+      directory: the checkpoint directory (for ``jaxdiff train``: ``<out_dir>/checkpoints``).
+      target: a pytree with the saved structure, shapes and dtypes (e.g. ``train.init(params,
+        optimizer)``); the result has its structure and its leaves' shardings. Without it, the
+        saved leaves are returned as nested dicts keyed by their path components (e.g.
+        ``restored["params"]["params"]["Dense_0"]["kernel"]``; sequence indices as ints).
+      step: restore exactly this step (no fallback).
+      config: the config dict the checkpoints were saved with, to compare (optional).
+    Returns:
+      the restored pytree (``CheckpointManager.restore`` also gives ``examples_seen`` and the
+      ``data_state``).
+    Raises:
+      JaxdiffError: no checkpoint in ``directory``, an absent or unreadable ``step``, nothing
+        readable, or a checkpoint from an incompatible model (the first mismatching leaf named).
+    """
+    with CheckpointManager(directory, keep=None, config=config) as m:
+        if not os.path.isdir(m.directory):
+            fail("directory", m.directory, "an existing checkpoint directory")
+        if target is None:
+            return m.restore_raw(step=step)
+        return m.restore(target, step=step).state
 
 
 def examples_seen(step: int, batch_size: int) -> int:

@@ -30,7 +30,7 @@ def _linear(params, x, t, cond):
 
 def _linear_model(width=2):
     params = {"w": 0.1 * jnp.eye(2, width), "b": jnp.zeros(width)}
-    return models.as_denoiser(_linear, params=params)
+    return models.as_denoiser(_linear, params=params, parametrization="eps")
 
 
 def _state(width=2, shift=0.0, step=0):
@@ -77,7 +77,7 @@ from jaxdiff import data, models, schedules, train
 def run(ckpt, steps, every, delay):
     x = jax.jit(data.two_moons, static_argnums=1)(jax.random.PRNGKey(1), 256)
     net = models.MLPScoreNet(hidden=16, depth=1, embed_dim=8)
-    model, params = models.as_denoiser(net, jax.random.PRNGKey(2), x[:1])
+    model, params = models.as_denoiser(net, jax.random.PRNGKey(2), x[:1], parametrization="eps")
     cb = (lambda state, row: time.sleep(delay)) if delay > 0 else None
     return train.train(
         jax.random.PRNGKey(3), model, params, schedules.vp_linear(), x, optax.adam(1e-2), steps,
@@ -309,7 +309,7 @@ import numpy as np, jax, jax.numpy as jnp, optax
 from jaxdiff import data, models, schedules, train
 assert len(jax.devices()) == 4
 x = data.two_moons(jax.random.PRNGKey(1), 256)
-model, params = models.as_denoiser(models.MLPScoreNet(hidden=16, depth=1), jax.random.PRNGKey(2), x[:1])
+model, params = models.as_denoiser(models.MLPScoreNet(hidden=16, depth=1), jax.random.PRNGKey(2), x[:1], parametrization="eps")
 mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
 run = dict(batch_size=16, progress=False, log_every=10)
 a, _ = train.train(jax.random.PRNGKey(3), model, params, schedules.vp_linear(), x, optax.adam(1e-2), 20, **run)
@@ -329,3 +329,51 @@ def test_mesh_four_cpu_devices_matches_one_device():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.split("MAXERR")[1]) < 1e-4
+
+
+# ------------------------------------------------------------------------------------------
+# one format, one API: every writer is readable by every reader
+# ------------------------------------------------------------------------------------------
+def test_one_api_reads_what_every_writer_wrote(tmp_path):
+    model, params = _linear_model()
+    target = train.init(params, OPT)
+    # 1. train(checkpoint_dir=...) -> checkpoint.restore, train.restore_checkpoint, the manager
+    run = tmp_path / "run"
+    state, _ = train.train(KEY, model, params, SCHED, DATA, OPT, 6, batch_size=8, progress=False,
+                           checkpoint_dir=run, checkpoint_every=3)  # fmt: skip
+    assert _tree_equal(checkpoint.restore(run, target), state)
+    assert _tree_equal(train.restore_checkpoint(run, target), state)
+    assert _tree_equal(checkpoint.CheckpointManager(run).restore(target).state, state)
+    assert _tree_equal(checkpoint.restore(run, target, step=3), train.restore_checkpoint(run, target, step=3))  # fmt: skip
+    # 2. checkpoint.save / train.save_checkpoint -> train(checkpoint_dir=...) resumes from it
+    one = tmp_path / "one"
+    assert checkpoint.save(one, state) == str(one)
+    assert checkpoint.CheckpointManager(one).steps() == [6]
+    resumed, hist = train.train(KEY, model, params, SCHED, DATA, OPT, 10, batch_size=8,
+                                progress=False, checkpoint_dir=one)  # fmt: skip
+    full, _ = train.train(KEY, model, params, SCHED, DATA, OPT, 10, batch_size=8, progress=False)
+    assert _tree_equal(resumed, full) and list(hist["step"]) == [10]
+    # 3. no target: nested dicts of the saved leaves, keyed by their path components
+    raw = checkpoint.restore(one)
+    np.testing.assert_array_equal(raw["params"]["w"], resumed.params["w"])
+    assert int(raw["step"]) == 10 and set(raw) == {"step", "params", "opt_state", "ema_params"}
+    # 4. the standalone restore falls back from a corrupt newest step like train(resume=) does
+    newest = one / "10" / "meta" / "metadata"
+    newest.write_text("{not json")
+    with pytest.warns(checkpoint.CheckpointWarning, match="step 10"):
+        back = checkpoint.restore(one, target)
+    assert int(back.step) == 6
+
+
+def test_save_to_a_bad_path_names_the_directory(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for bad in (blocker, blocker / "sub"):
+        with pytest.raises(JaxdiffError, match=r"^directory="):
+            checkpoint.save(bad, _state())
+    with pytest.raises(JaxdiffError, match=r"^directory="):
+        checkpoint.restore(tmp_path / "missing", _state())
+    with pytest.raises(JaxdiffError, match=r"^directory="):
+        checkpoint.save(3, _state())
+    with pytest.raises(JaxdiffError, match=r"^step="):
+        checkpoint.save(tmp_path / "ok", _state(), step=-1)
