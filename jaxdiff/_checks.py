@@ -13,30 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff._errors import JaxdiffError, NonFiniteError, SolverError, _short, fail  # noqa: F401
+
 __all__ = ["JaxdiffError", "NonFiniteError", "SolverError", "fail", "is_concrete"]
-
-
-class JaxdiffError(ValueError):
-    """A bad argument: the message names the argument, the value and what was expected."""
-
-
-class NonFiniteError(FloatingPointError):
-    """A computation produced NaN or inf; the message says where."""
-
-
-class SolverError(RuntimeError):
-    """An ODE/SDE solve did not finish (e.g. it hit ``max_steps``)."""
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, jax.Array | np.ndarray) and np.size(value) > 6:
-        return f"array of shape {tuple(np.shape(value))}"
-    return repr(value)
-
-
-def fail(arg: str, value: Any, expected: str) -> None:
-    """Raise :class:`JaxdiffError` with the standard message ``arg=value: expected ...``."""
-    raise JaxdiffError(f"{arg}={_short(value)}: expected {expected}")
 
 
 def is_concrete(*xs: Any) -> bool:

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from jaxdiff._checks import JaxdiffError, fail
+from jaxdiff._errors import JaxdiffError, fail
 
 __all__ = [
     "Config",
@@ -85,7 +85,8 @@ class ModelConfig:
     compute dtype (params stay float32). Fields that a kind does not use are ignored."""
 
     kind: Literal["mlp", "unet", "dit"] = "mlp"
-    parametrization: Literal["eps", "x0", "v", "score", "velocity"] = "eps"
+    parametrization: Literal["edm", "eps", "x0", "v", "score", "velocity"] = "edm"
+    sigma_data: float = 1.0
     dtype: Literal["float32", "bfloat16"] = "float32"
     hidden: int = 128
     depth: int = 3
@@ -117,7 +118,7 @@ class OptimConfig:
     ``linear`` down to ``lr * end_factor`` at ``decay_steps``, default ``train.steps``); EMA of
     the params with ``ema_decay``."""
 
-    lr: float = 1e-3
+    lr: float = 2e-3
     warmup: int = 0
     decay: Literal["constant", "cosine", "linear"] = "constant"
     decay_steps: int | None = None
@@ -127,6 +128,7 @@ class OptimConfig:
     b1: float = 0.9
     b2: float = 0.999
     ema_decay: float = 0.999
+    ema_warmup: bool = True
 
 
 @dataclasses.dataclass
@@ -330,6 +332,8 @@ def _check_semantics(cfg: Config) -> Config:
         )
     if not 0.0 <= cfg.optim.ema_decay < 1.0:
         fail("optim.ema_decay", cfg.optim.ema_decay, "a number in [0, 1)")
+    if not cfg.model.sigma_data > 0:
+        fail("model.sigma_data", cfg.model.sigma_data, "a positive number (the data std)")
     if cfg.optim.lr <= 0:
         fail("optim.lr", cfg.optim.lr, "a positive number")
     if cfg.optim.warmup < 0:
@@ -421,14 +425,21 @@ def load_config(path, overrides: dict | None = None) -> Config:
 
 
 def checkpoint_fingerprint(cfg: Config) -> dict:
-    """The settings that determine the training trajectory (stored with every checkpoint and
-    compared on resume): ``data`` (minus ``split``-independent nothing), ``model``,
-    ``schedule``, ``optim`` (with the resolved decay length), ``train.seed`` and
-    ``train.cond_drop_prob``. ``train.steps`` (with a ``constant`` decay), logging, checkpoint,
-    sampling and run settings may change between restarts."""
+    """The settings that determine the model and its training (stored with every checkpoint and
+    compared on resume): ``data``, ``model``, ``schedule``, ``optim``, ``train.seed`` and
+    ``train.cond_drop_prob``. ``train.steps``, logging, checkpoint, sampling and run settings may
+    change between restarts.
+
+    A decaying learning rate without an explicit ``optim.decay_steps`` is defined over
+    ``train.steps``, whatever its value (stored as ``"train.steps"``): extending a finished run
+    with a larger ``train.steps`` continues from the saved optimizer state on the schedule of
+    the new total (so the learning rate at the resumed step is that of the longer schedule)."""
     d = config_to_dict(cfg)
     optim = dict(d["optim"])
-    optim["decay_steps"] = None if cfg.optim.decay == "constant" else _decay_steps(cfg)
+    if cfg.optim.decay == "constant":
+        optim["decay_steps"] = None
+    elif cfg.optim.decay_steps is None:
+        optim["decay_steps"] = "train.steps"
     return {
         "data": d["data"],
         "model": d["model"],
@@ -564,7 +575,13 @@ def build_model(cfg: Config, key, x_example):
         )
     cond_example = None if k is None else jnp.zeros(np.shape(x_example)[:1], jnp.int32)
     return models.as_denoiser(
-        net, key, x_example, parametrization=m.parametrization, cond_example=cond_example
+        net,
+        key,
+        x_example,
+        parametrization=m.parametrization,
+        cond_example=cond_example,
+        schedule=build_schedule(cfg),
+        sigma_data=m.sigma_data,
     )
 
 

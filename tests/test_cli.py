@@ -125,6 +125,7 @@ def test_builders(tmp_path):
         jax.random.PRNGKey(0),
         bundle.x_example,
         cond_example=np.zeros((1,), np.int32),
+        parametrization="eps",
     )
     assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, ref_params)
     assert isinstance(C.build_schedule(cfg), type(schedules.vp_linear()))
@@ -171,3 +172,69 @@ def test_train_resume_and_sample_end_to_end(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "model.hidden is 16 there, 24 now" in err and "Traceback" not in err
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+
+def test_extending_a_finished_run_with_a_decaying_lr_and_the_fast_restart(tmp_path, capsys):
+    # warmup + cosine decay over train.steps: a finished run extended with --steps continues on
+    # the schedule of the new total (docs/cli.md); the fingerprint does not hold train.steps
+    cfg_path = _tiny(
+        tmp_path, **{"ema_decay = 0.9": 'ema_decay = 0.9\nwarmup = 5\ndecay = "cosine"'}
+    )
+    run = tmp_path / "run"
+    assert cli.main(["train", "--config", str(cfg_path), "--no-progress"]) == 0
+    fp = checkpoint.CheckpointManager(run / "checkpoints").metadata(40)["fingerprint"]["config"]
+    assert fp["optim"]["decay_steps"] == "train.steps"
+    assert cli.main(["train", "--config", str(cfg_path), "--steps", "60", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming" in out and "step 60 / 60" in out
+    cfg60 = C.load_config(cfg_path, {"train.steps": 60})
+    lr = C.build_lr_schedule(cfg60)  # the schedule the extension ran on: defined over 60 steps
+    assert float(lr(60)) == pytest.approx(1e-2 * 0.05, rel=1e-5)
+    assert float(lr(40)) > float(C.build_lr_schedule(C.load_config(cfg_path))(40))
+
+    # a finished run restarted: recognised from the checkpoint metadata, without importing JAX
+    script = (
+        "import sys, time; t0 = time.perf_counter(); from jaxdiff import cli; "
+        f"rc = cli.main(['train', '--config', {str(cfg_path)!r}, '--steps', '60', "
+        "'--no-progress']); "
+        "print('RC', rc, 'JAX', 'jax' in sys.modules, 'S', time.perf_counter() - t0)"
+    )
+    import subprocess
+    import sys
+
+    res = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert "nothing left to do" in res.stdout, res.stdout + res.stderr
+    assert "RC 0 JAX False" in res.stdout, res.stdout
+    # a changed model is still refused on that path, naming the key
+    other = _tiny(tmp_path, **{"hidden = 16": "hidden = 24", "ema_decay = 0.9": "ema_decay = 0.9\nwarmup = 5\ndecay = \"cosine\""})  # fmt: skip
+    assert cli.main(["train", "--config", str(other), "--no-progress"]) == 2
+    assert "model.hidden is 16 there, 24 now" in capsys.readouterr().err
+
+
+def test_path_errors_are_one_line_exit_2_before_any_work(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    # no training or sampling may start before the paths are checked
+    monkeypatch.setattr(cli, "_train_run", lambda *a: pytest.fail("training started"))
+    monkeypatch.setattr(cli, "_setup", lambda *a: pytest.fail("a model was built"))
+    cfg_path = _tiny(tmp_path)
+    cases = [
+        (["train", "--out-dir", str(blocker / "run")], "run.out_dir="),
+        (["train", "--out-dir", str(blocker)], "run.out_dir="),
+        (["sample", "--out", str(tmp_path / "x.txt")], "--out="),
+        (["sample", "--out-dir", str(tmp_path / "nothing")], "run.out_dir="),
+        (["sample", "--checkpoint", str(tmp_path / "nothing")], "--checkpoint="),
+        (
+            ["sample", "--checkpoint", str(tmp_path / "ck"), "--out", str(blocker / "s.png")],
+            "--out=",
+        ),
+    ]
+    (tmp_path / "ck" / "1").mkdir(parents=True)  # looks like a step: the --out check comes next
+    for args, name in cases:
+        assert cli.main([args[0], "--config", str(cfg_path), *args[1:]]) == 2, args
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and name in lines[0] and "Traceback" not in err, err
+    assert not (tmp_path / "nothing").exists()
