@@ -436,6 +436,7 @@ def make_pmap_step(
     axis_name: str = "batch",
     *,
     ema_decay=0.999,
+    ema_warmup: bool = True,
     loss_fn: Callable | None = None,
     **loss_kwargs,
 ) -> Callable:
@@ -461,7 +462,8 @@ def make_pmap_step(
     from :func:`replicate_state`; metrics (``loss``, ``grad_norm``) come back per device, equal.
 
     Args:
-      model, schedule, optimizer, ema_decay, loss_kwargs: as :func:`jaxdiff.train.make_step`.
+      model, schedule, optimizer, ema_decay, ema_warmup, loss_kwargs: as
+        :func:`jaxdiff.train.make_step`.
       batch_size: the *global* batch size (divisible by the device count).
       axis_name: the pmap axis name.
       loss_fn: the loss (see above).
@@ -494,8 +496,8 @@ def make_pmap_step(
         )
         grads = jax.lax.pmean(grads, axis_name)
         loss = jax.lax.pmean(loss, axis_name)
-        new = apply_gradients(state, grads, optimizer, ema_decay)
-        return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        new = apply_gradients(state, grads, optimizer, ema_decay, ema_warmup)
+        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     return step
 

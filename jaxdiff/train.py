@@ -5,14 +5,14 @@ and the loss's randomness come from ``fold_in(key, state.step)``); :func:`train`
 it as jitted chunks (ending at every ``log_every`` and ``checkpoint_every`` step) with a progress
 bar, optional preemption-safe checkpoints (:mod:`jaxdiff.checkpoint`: ``checkpoint_dir=``,
 resumed automatically), data parallelism on a device mesh (``mesh=``) and a ``callback``;
-:func:`save_checkpoint` / :func:`restore_checkpoint` write and read any pytree with orbax.
+:func:`save_checkpoint` / :func:`restore_checkpoint` write and read any pytree in the one format of
+:mod:`jaxdiff.checkpoint`.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +33,7 @@ __all__ = [
     "init",
     "make_step",
     "apply_gradients",
+    "ema_decay_at",
     "draw_batch",
     "train",
     "fit",
@@ -99,10 +100,36 @@ def draw_batch(key, data, batch_size: int):
     return take(x), (None if cond is None else jax.tree.map(take, cond))
 
 
-def apply_gradients(state: TrainState, grads, optimizer, ema_decay) -> TrainState:
+def ema_decay_at(step, ema_decay, ema_warmup: bool = True):
+    """The EMA decay used by the update after ``step`` optimizer steps.
+
+    ``min(ema_decay, (1 + step) / (10 + step))`` with ``ema_warmup`` (the warm-up of
+    TensorFlow's ``ExponentialMovingAverage(num_updates=...)``, also diffusers' ``EMAModel``
+    default), else ``ema_decay``. With warm-up the average covers roughly the last ``step / 9``
+    steps until that reaches ``1 / (1 - ema_decay)``, so a short run is not dominated by its
+    initialisation (a plain 0.999 EMA after 1000 steps still holds ``0.999^1000 = 37%`` of
+    the initial params).
+
+    Args:
+      step: the number of updates taken before this one (an int scalar, may be traced).
+      ema_decay: the asymptotic decay in ``[0, 1)``.
+    Returns:
+      a float scalar.
+    """
+    d = jnp.asarray(ema_decay, jnp.result_type(float))
+    if not ema_warmup:
+        return d
+    s = jnp.asarray(step).astype(d.dtype)
+    return jnp.minimum(d, (1.0 + s) / (10.0 + s))
+
+
+def apply_gradients(
+    state: TrainState, grads, optimizer, ema_decay, ema_warmup: bool = True
+) -> TrainState:
     """One optimizer update and EMA step: ``params <- apply_updates(params, optimizer.update(g))``,
-    ``ema <- d ema + (1 - d) params`` (``d = ema_decay``; no EMA for a state without one),
-    ``step <- step + 1``. Shared by :func:`make_step` and :func:`jaxdiff.parallel.make_pmap_step`."""
+    ``ema <- d ema + (1 - d) params`` with ``d = ema_decay_at(state.step, ema_decay,
+    ema_warmup)`` (no EMA for a state without one), ``step <- step + 1``. Shared by
+    :func:`make_step` and :func:`jaxdiff.parallel.make_pmap_step`."""
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if state.ema_params is None:
@@ -110,7 +137,10 @@ def apply_gradients(state: TrainState, grads, optimizer, ema_decay) -> TrainStat
             fail("ema_decay", ema_decay, "0 for a state made by init(..., ema_decay=0)")
         ema = None
     else:
-        ema = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
+        d = ema_decay_at(state.step, ema_decay, ema_warmup)
+        ema = jax.tree.map(
+            lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), state.ema_params, params
+        )
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
 
 
@@ -120,6 +150,7 @@ def make_step(
     optimizer: optax.GradientTransformation,
     *,
     ema_decay=0.999,
+    ema_warmup: bool = True,
     loss_fn: Callable = dsm_loss,
     batch_size: int,
     batch_sharding=None,
@@ -131,13 +162,14 @@ def make_step(
     ``loss, g = value_and_grad(loss_fn)(params, k', model, schedule, x, cond, **loss_kwargs)``;
     ``params <- optax.apply_updates(params, optimizer.update(g, opt_state, params))``; and the EMA
     ``ema <- d ema + (1 - d) params`` (Polyak averaging as in Ho et al. arXiv 2006.11239, Song
-    et al. arXiv 2011.13456) with ``d = ema_decay``.
+    et al. arXiv 2011.13456) with ``d = ema_decay_at(step, ema_decay, ema_warmup)``.
 
     Args:
       model, schedule: passed to ``loss_fn``.
       optimizer: an optax gradient transformation.
       ema_decay: EMA decay ``d`` in ``[0, 1)``; may be traced; 0 with a state made by
         ``init(..., ema_decay=0)`` keeps no EMA.
+      ema_warmup: use ``min(d, (1 + step) / (10 + step))`` (:func:`ema_decay_at`).
       loss_fn: ``loss_fn(params, key, model, schedule, x0, cond, **loss_kwargs) -> scalar``
         (default :func:`jaxdiff.losses.dsm_loss`).
       batch_size: examples per step.
@@ -160,9 +192,9 @@ def make_step(
         loss, grads = jax.value_and_grad(loss_fn)(
             state.params, k_loss, model, schedule, x, cond, **loss_kwargs
         )
-        return apply_gradients(state, grads, optimizer, ema_decay), {
+        return apply_gradients(state, grads, optimizer, ema_decay, ema_warmup), {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
         }
 
     return step
@@ -218,11 +250,14 @@ def _split_kwargs(kwargs):
 
 
 #: compile-time settings of the two training loops below (hashable; part of jit's cache key)
-_LOOP_STATICS = ("optimizer", "batch_size", "ema_decay", "sampler", "static_kw", "batch_sharding")
+_LOOP_STATICS = (
+    "optimizer", "batch_size", "ema_decay", "ema_warmup", "sampler", "static_kw", "batch_sharding",
+)  # fmt: skip
 
 
 def _loop_step(
-    model, schedule, dynamic_kw, optimizer, batch_size, ema_decay, static_kw, batch_sharding
+    model, schedule, dynamic_kw, optimizer, batch_size, ema_decay, ema_warmup, static_kw,
+    batch_sharding,
 ):  # fmt: skip
     """The :func:`make_step` both training loops run (loss kwargs split into static/dynamic)."""
     return make_step(
@@ -230,6 +265,7 @@ def _loop_step(
         schedule,
         optimizer,
         ema_decay=ema_decay,
+        ema_warmup=ema_warmup,
         batch_size=batch_size,
         batch_sharding=batch_sharding,
         **dict(static_kw),
@@ -240,14 +276,22 @@ def _loop_step(
 @functools.partial(jax.jit, static_argnames=_LOOP_STATICS)
 def _train_chunk(
     state, key, arrays, n, model, schedule, dynamic_kw, *, optimizer, batch_size, ema_decay,
-    sampler, static_kw, batch_sharding=None,
+    ema_warmup, sampler, static_kw, batch_sharding=None,
 ):  # fmt: skip
     """``n`` (traced) train steps in one compiled loop; ``(state, mean loss, first bad step)``.
 
     Module-level and keyed on hashable settings, so repeated :func:`train` calls with the same
     model, optimizer and settings reuse the compiled loop."""
     step_fn = _loop_step(
-        model, schedule, dynamic_kw, optimizer, batch_size, ema_decay, static_kw, batch_sharding
+        model,
+        schedule,
+        dynamic_kw,
+        optimizer,
+        batch_size,
+        ema_decay,
+        ema_warmup,
+        static_kw,
+        batch_sharding,
     )
     data = sampler if sampler is not None else arrays
 
@@ -266,12 +310,20 @@ def _train_chunk(
 @functools.partial(jax.jit, static_argnames=_LOOP_STATICS)
 def _train_one(
     state, key, arrays, model, schedule, dynamic_kw, *, optimizer, batch_size, ema_decay,
-    sampler, static_kw, batch_sharding=None,
+    ema_warmup, sampler, static_kw, batch_sharding=None,
 ):  # fmt: skip
     """One train step as its own compiled program: ``(state, loss, bad)`` with ``bad`` the step
     index when the loss is non-finite, else -1 (the per-step form of :func:`_train_chunk`)."""
     step_fn = _loop_step(
-        model, schedule, dynamic_kw, optimizer, batch_size, ema_decay, static_kw, batch_sharding
+        model,
+        schedule,
+        dynamic_kw,
+        optimizer,
+        batch_size,
+        ema_decay,
+        ema_warmup,
+        static_kw,
+        batch_sharding,
     )
     new, metrics = step_fn(state, key, sampler if sampler is not None else arrays)
     loss = metrics["loss"]
@@ -343,6 +395,7 @@ def train(
     mesh=None,
     callback: Callable | None = None,
     loop: str = "auto",
+    ema_warmup: bool = True,
     **loss_kwargs,
 ) -> tuple[TrainState, dict]:
     """Train ``model`` for ``steps`` optimizer steps; return ``(state, history)``.
@@ -376,6 +429,8 @@ def train(
         the total number of steps the run should reach.
       batch_size: examples per step (>= 1).
       ema_decay: EMA decay in ``[0, 1)``; 0 disables the EMA.
+      ema_warmup: warm the EMA up: decay ``min(ema_decay, (1 + step) / (10 + step))``
+        (:func:`ema_decay_at`), so short runs average recent params, not the initialisation.
       progress: show a tqdm progress bar (loss and steps/s).
       log_every: steps per history entry (and per ``callback`` call).
       checkpoint_dir: a directory, or a :class:`~jaxdiff.checkpoint.CheckpointManager` (e.g.
@@ -461,6 +516,7 @@ def train(
         optimizer=optimizer,
         batch_size=batch_size,
         ema_decay=ema_decay,
+        ema_warmup=bool(ema_warmup),
         sampler=sampler,
         static_kw=static_kw,
         batch_sharding=batch_sharding,
@@ -562,6 +618,7 @@ def fit(
     ema_decay=0.999,
     progress: bool = True,
     log_every: int = 100,
+    ema_warmup: bool = True,
     **loss_kwargs,
 ):
     """:func:`train`, returning only the trained parameters: the EMA params, or the raw params
@@ -578,53 +635,29 @@ def fit(
         ema_decay=ema_decay,
         progress=progress,
         log_every=log_every,
+        ema_warmup=ema_warmup,
         **loss_kwargs,
     )
     return state.params if state.ema_params is None else state.ema_params
 
 
 # ------------------------------------------------------------------------------------------
-# checkpoints
+# checkpoints: the one format of jaxdiff.checkpoint
 # ------------------------------------------------------------------------------------------
-def save_checkpoint(path, state, step: int | None = None) -> str:
-    """Save a pytree (e.g. a :class:`TrainState`) under directory ``path``, in sub-directory
-    ``step`` (orbax ``CheckpointManager`` layout: one folder per step, so a preempted job
-    restarts from the latest complete one). ``step`` defaults to ``state.step`` (0 if absent);
-    an existing checkpoint of the same step is replaced. Returns the absolute ``path``."""
-    import orbax.checkpoint as ocp
+def save_checkpoint(path, state, step: int | None = None, **kwargs) -> str:
+    """Save ``state`` as checkpoint ``step`` (default ``state.step``) under directory ``path``:
+    :func:`jaxdiff.checkpoint.save` (the format ``train(checkpoint_dir=...)`` and the CLI write,
+    so each reads the others'). Returns the absolute ``path``."""
+    from jaxdiff.checkpoint import save
 
-    path = os.path.abspath(os.fspath(path))
-    if step is None:
-        step = int(np.asarray(getattr(state, "step", 0)))
-    step = check_positive_int(
-        "step", step.item() if isinstance(step, np.ndarray | np.generic) else step, minimum=0
-    )
-    with ocp.CheckpointManager(path) as mngr:
-        if step in mngr.all_steps():
-            mngr.delete(step)
-        mngr.save(step, args=ocp.args.StandardSave(state))
-        mngr.wait_until_finished()
-    return path
+    return save(path, state, step, **kwargs)
 
 
-def restore_checkpoint(path, target=None, step: int | None = None):
-    """Restore the checkpoint of ``step`` (default: the latest) saved by :func:`save_checkpoint`.
+def restore_checkpoint(path, target=None, step: int | None = None, **kwargs):
+    """Restore the newest good checkpoint (or ``step``) under ``path`` into ``target``'s
+    structure: :func:`jaxdiff.checkpoint.restore`, which reads what :func:`save_checkpoint`,
+    ``train(checkpoint_dir=...)``, ``jaxdiff train`` and ``CheckpointManager`` wrote. Without
+    ``target``, nested dicts of the saved leaves."""
+    from jaxdiff.checkpoint import restore
 
-    With ``target`` (a pytree of the same structure, e.g. a fresh :class:`TrainState` from
-    :func:`init`), the result has ``target``'s structure and dtypes; without it, orbax's raw nested
-    dicts/lists are returned."""
-    import orbax.checkpoint as ocp
-
-    path = os.path.abspath(os.fspath(path))
-    if not os.path.isdir(path):
-        fail("path", path, "a directory written by save_checkpoint")
-    with ocp.CheckpointManager(path) as mngr:
-        steps = mngr.all_steps()
-        if not steps:
-            fail("path", path, "a directory holding at least one checkpoint step")
-        if step is None:
-            step = mngr.latest_step()
-        elif step not in steps:
-            fail("step", step, f"one of the saved steps {sorted(steps)}")
-        args = ocp.args.StandardRestore() if target is None else ocp.args.StandardRestore(target)
-        return mngr.restore(step, args=args)
+    return restore(path, target, step=step, **kwargs)

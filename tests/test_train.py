@@ -25,7 +25,7 @@ def _linear(params, x, t, cond):
 
 def _linear_model():
     params = {"w": 0.1 * jnp.eye(2), "b": jnp.zeros(2)}
-    return models.as_denoiser(_linear, x_example=DATA[:1], params=params)
+    return models.as_denoiser(_linear, x_example=DATA[:1], params=params, parametrization="eps")
 
 
 def _tree_equal(a, b):
@@ -74,17 +74,26 @@ def test_ema_matches_manual_computation():
     model, params = _linear_model()
     opt = optax.sgd(0.1)
     d = 0.9
-    step = jax.jit(train.make_step(model, SCHED, opt, ema_decay=d, batch_size=16))
-    state = train.init(params, opt, ema_decay=d)
-    ema = params
-    for _ in range(3):
-        state, metrics = step(state, KEY, DATA)
-        ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, state.params)
-        assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
-    assert int(state.step) == 3
-    assert not _tree_equal(state.params, params)
-    for got, want in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(ema), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    # the fixed decay (ema_warmup=False) and the default warm-up min(d, (1 + s) / (10 + s))
+    for warmup, decays in ((False, [d, d, d]), (True, [1 / 10, 2 / 11, 3 / 12])):
+        step = jax.jit(
+            train.make_step(model, SCHED, opt, ema_decay=d, ema_warmup=warmup, batch_size=16)
+        )
+        state = train.init(params, opt, ema_decay=d)
+        ema = params
+        for s, d_s in enumerate(decays):
+            np.testing.assert_allclose(train.ema_decay_at(s, d, warmup), d_s, rtol=1e-6)
+            state, metrics = step(state, KEY, DATA)
+            ema = jax.tree.map(lambda e, p, d_s=d_s: d_s * e + (1 - d_s) * p, ema, state.params)
+            assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
+        assert int(state.step) == 3
+        assert not _tree_equal(state.params, params)
+        for got, want in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(ema), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    # the warm-up reaches the asymptotic decay at step 9 * d / (1 - d) - 1 and stays there
+    np.testing.assert_allclose(train.ema_decay_at(jnp.int32(80), 0.9), 0.9, rtol=1e-6)
+    np.testing.assert_allclose(train.ema_decay_at(10_000, 0.999), 0.999, rtol=1e-6)
+    np.testing.assert_allclose(train.ema_decay_at(989, 0.999), 990 / 999, rtol=1e-6)
     # the update itself, for the first step: params - lr * grad on the same batch and key
     s0 = train.init(params, opt, ema_decay=0.0)
     assert s0.ema_params is None
@@ -112,7 +121,7 @@ def test_step_does_not_recompile():
         return _linear(params, x, t, cond)
 
     params = {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}
-    model, params = models.as_denoiser(counting, params=params)
+    model, params = models.as_denoiser(counting, params=params, parametrization="eps")
     opt = optax.adam(1e-3)
     step = jax.jit(train.make_step(model, SCHED, opt, batch_size=8))
     state = train.init(params, opt)
@@ -132,7 +141,7 @@ def test_loss_decreases_with_conditional_mlp_score_net():
     # class-conditional MLPScoreNet on (x, label) pairs, with CFG label dropout
     x, y = jax.jit(data.two_moons, static_argnums=(1, 3))(KEY, 2048, 0.05, True)
     net = models.MLPScoreNet(hidden=32, depth=1, embed_dim=16, num_classes=2)
-    model, params = models.as_denoiser(net, KEY, x[:1], cond_example=y[:1])
+    model, params = models.as_denoiser(net, KEY, x[:1], cond_example=y[:1], parametrization="eps")
     kw = dict(cond_drop_prob=0.2, null_cond=net.null_cond)
     state, hist = train.train(
         KEY, model, params, SCHED, (x, y), optax.adam(3e-3), steps=400, batch_size=128,
@@ -193,7 +202,7 @@ def test_checkpoint_round_trip(tmp_path):
     np.testing.assert_array_equal(raw["params"]["w"], later.params["w"])
     with pytest.raises(JaxdiffError, match="step"):
         train.restore_checkpoint(path, target, step=3)
-    with pytest.raises(JaxdiffError, match="path"):
+    with pytest.raises(JaxdiffError, match="directory"):
         train.restore_checkpoint(tmp_path / "missing", target)
 
 
@@ -244,7 +253,9 @@ def test_progress_bar_runs(capsys):
 def test_mlp_training_speed():
     """2000 steps of MLPScoreNet(128, 3) at batch 512 on 2-D data in under 20 s (CPU)."""
     x = data.two_moons(KEY, 10_000)
-    model, params = models.as_denoiser(models.MLPScoreNet(hidden=128, depth=3), KEY, x[:1])
+    model, params = models.as_denoiser(
+        models.MLPScoreNet(hidden=128, depth=3), KEY, x[:1], parametrization="eps"
+    )
     t0 = time.perf_counter()
     state, hist = train.train(KEY, model, params, SCHED, x, optax.adam(1e-3), steps=2000,
                               batch_size=512, progress=False, log_every=250)  # fmt: skip

@@ -584,7 +584,7 @@ def step(state: FinetuneState, reward_fn: Callable, data=None, eval_data=None):
         "reward": jnp.mean(r),
         "reward_std": jnp.std(r),
         "regularizer": aux["regularizer"],
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
     }
     if eval_data is not None:
         metrics["dist_to_data"] = jnp.mean(nearest_distance(aux["x"], eval_data))

@@ -770,7 +770,8 @@ class RCGDM(struct.PyTreeNode):
     ``fold_in(key, i)``), ``x`` ``(n1, *event)`` and ``cond`` ``(n1, 1)`` (the unlabelled data
     and their normalised pseudo-labels), ``y_hat`` ``(n1,)``, ``reward`` (``f_hat``), ``scaler``
     (:class:`LabelScaler`), ``nu``, ``reliable`` ``(2,)`` (the reliable target range).
-    Static: ``optimizer``, ``batch_size``, ``ema_decay``, ``cond_drop_prob``, ``reliable_q``.
+    Static: ``optimizer``, ``batch_size``, ``ema_decay``, ``ema_warmup``, ``cond_drop_prob``,
+    ``reliable_q``.
 
     Build with :func:`init` (or :func:`run`); train with :func:`step`; sample with
     :meth:`sample` / :func:`sample` and :meth:`sweep` / :func:`sweep_targets`.
@@ -790,6 +791,7 @@ class RCGDM(struct.PyTreeNode):
     optimizer: Any = struct.field(pytree_node=False, default=None)
     batch_size: int = struct.field(pytree_node=False, default=256)
     ema_decay: float = struct.field(pytree_node=False, default=0.999)
+    ema_warmup: bool = struct.field(pytree_node=False, default=True)
     cond_drop_prob: float = struct.field(pytree_node=False, default=0.0)
     reliable_q: tuple = struct.field(pytree_node=False, default=(0.005, 0.995))
 
@@ -838,7 +840,8 @@ def init(
     cond_drop_prob: float = 0.0,
     reliable_q=(0.005, 0.995),
     params=None,
-    parametrization: str = "v",
+    parametrization: str = "edm",
+    ema_warmup: bool = True,
 ) -> RCGDM:
     """Pseudo-label ``x_unlabelled`` and set up the conditional score network (guidance.md 1.2).
 
@@ -858,15 +861,17 @@ def init(
       net: a real-conditioned Linen score network taking ``cond (B, 1)``.
       schedule: noise schedule (default ``vp_linear()``).
       optimizer: optax transformation (default ``adam(1e-3)``).
-      batch_size, ema_decay: as in :func:`jaxdiff.train.train`.
+      batch_size, ema_decay, ema_warmup: as in :func:`jaxdiff.train.train`.
       cond_drop_prob: label-dropout probability (> 0 enables classifier-free guidance at
         sampling time, ``sample(..., cfg_scale=w)``).
       reliable_q: quantiles of ``y_hat`` bounding the reliable target range.
       params: initial network parameters (default: initialise ``net``).
-      parametrization: what ``net`` predicts (``"v"`` default, ``"eps"``, ``"x0"``, ...); the DSM
-        loss is taken in that space (:func:`jaxdiff.losses.dsm_loss`). For data on a subspace an
-        ambient eps-network leaks off it (guidance.md 1.7): in the R^64 / 16-dim benchmark, 6000
-        steps give an off-subspace ratio of 0.15 (eps), 0.026 (v) and 0.001 (x0).
+      parametrization: what ``net`` predicts (``"edm"`` default: EDM preconditioning with
+        ``sigma_data = 1``, the library's default, which on the default VP schedule is
+        v-prediction; ``"v"``, ``"eps"``, ``"x0"``, ...); the DSM loss is taken in that space
+        (:func:`jaxdiff.losses.dsm_loss`). For data on a subspace an ambient eps-network leaks
+        off it (Yuan et al. arXiv 2307.07055): in the R^64 / 16-dim benchmark, 6000 steps give
+        an off-subspace ratio of 0.15 (eps), 0.026 (v) and 0.001 (x0).
     Returns:
       An :class:`RCGDM` at step 0.
     Raises:
@@ -901,6 +906,7 @@ def init(
         cond_example=cond[:1],
         params=params,
         parametrization=parametrization,
+        schedule=schedule,
     )
     return RCGDM(
         model=model,
@@ -917,6 +923,7 @@ def init(
         optimizer=optimizer,
         batch_size=batch_size,
         ema_decay=float(ema_decay),
+        ema_warmup=bool(ema_warmup),
         cond_drop_prob=float(cond_drop_prob),
         reliable_q=reliable_q,
     )
@@ -938,6 +945,7 @@ def step(pipe: RCGDM) -> tuple[RCGDM, dict]:
         pipe.schedule,
         pipe.optimizer,
         ema_decay=pipe.ema_decay,
+        ema_warmup=pipe.ema_warmup,
         batch_size=pipe.batch_size,
         **_loss_kwargs(pipe),
     )
@@ -991,6 +999,7 @@ def train_more(pipe: RCGDM, steps: int, *, progress: bool = True, log_every: int
         steps,
         batch_size=pipe.batch_size,
         ema_decay=pipe.ema_decay,
+        ema_warmup=pipe.ema_warmup,
         progress=progress,
         log_every=log_every,
         **_loss_kwargs(pipe),
