@@ -215,6 +215,7 @@ def test_hutchinson_batch_independence(x64):
         params,
         sch,
         _x(),
+        trace="hutchinson",
         probe="gaussian",
         num_probes=NP,
         prior=_exact_prior(dist, sch),
@@ -388,3 +389,44 @@ def test_class_conditional_cond(x64):
     )
     want = dist.log_prob_t(x, sch.t_end, sch, component=c)
     np.testing.assert_allclose(lp, want, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# the default estimator: exact trace in low dimension, 16 probes with a standard error above
+# ------------------------------------------------------------------------------------------
+def test_auto_trace_is_exact_in_low_dimension_and_hutchinson_with_stderr_above(x64):
+    from jaxdiff.likelihood import DEFAULT_NUM_PROBES, EXACT_TRACE_MAX_DIM
+
+    sch = schedules.vp_linear()
+    dist = _gaussian()
+    model, params = analytic.as_denoiser(dist, sch)
+    kw = dict(prior=_exact_prior(dist, sch), return_info=True, **TOL)
+    lp, info = log_likelihood(jax.random.key(0), model, params, sch, _x(), **kw)
+    lp_ex, _ = log_likelihood(jax.random.key(0), model, params, sch, _x(), trace="exact", **kw)
+    np.testing.assert_array_equal(lp, lp_ex)
+    assert info["trace"] == "exact" and info["num_probes"] == 0
+    np.testing.assert_array_equal(info["stderr"], 0.0)
+    np.testing.assert_allclose(lp, dist.log_prob_t(_x(), sch.t_end, sch), atol=1e-6)
+
+    # above the threshold: Hutchinson with DEFAULT_NUM_PROBES probes and a calibrated stderr.
+    # Gaussian data: the per-probe estimate is v^T log(A) v with Var = 2 ||log A||_F^2 for
+    # Gaussian probes (test above), so stderr^2 estimates 2 ||log A||_F^2 / K and the errors
+    # over examples are ~N(0, stderr^2).
+    d = EXACT_TRACE_MAX_DIM + 1
+    q, _ = jnp.linalg.qr(jax.random.normal(jax.random.key(1), (d, d)))
+    lam = jnp.geomspace(0.05, 2.0, d)
+    big = analytic.gaussian(jnp.zeros(d), (q * lam) @ q.T)
+    model, params = analytic.as_denoiser(big, sch)
+    x = big.sample(jax.random.key(2), 48)
+    lp, info = log_likelihood(
+        jax.random.key(3), model, params, sch, x, probe="gaussian",
+        prior=_exact_prior(big, sch), return_info=True, rtol=1e-6, atol=1e-6,
+    )  # fmt: skip
+    assert info["trace"] == "hutchinson" and info["num_probes"] == DEFAULT_NUM_PROBES
+    a0, s0 = sch.alpha_sigma(jnp.asarray(sch.t_start))
+    a1, s1 = sch.alpha_sigma(jnp.asarray(sch.t_end))
+    var = 2 * jnp.sum((0.5 * jnp.log((a0**2 * lam + s0**2) / (a1**2 * lam + s1**2))) ** 2)
+    ratio = float(jnp.mean(info["stderr"] ** 2) / (var / DEFAULT_NUM_PROBES))
+    assert 0.7 < ratio < 1.4, ratio
+    z = (lp - big.log_prob_t(x, sch.t_end, sch)) / info["stderr"]
+    assert 0.4 < float(jnp.mean(z**2)) < 1.8, float(jnp.mean(z**2))
