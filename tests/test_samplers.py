@@ -310,6 +310,60 @@ def test_no_recompilation_when_only_numbers_change():
     assert len(traces) == n, "changing eta / params / grid values / schedule numbers recompiled"
 
 
+class _CountCompiles:
+    """Counts XLA compilations (``jax_log_compiles`` records) inside a ``with`` block."""
+
+    def __enter__(self):
+        import logging
+
+        self.n = 0
+        self.names = []
+        outer = self
+
+        class H(logging.Handler):
+            def emit(self, record):
+                msg = record.getMessage()
+                if msg.startswith("Finished XLA compilation of"):
+                    outer.n += 1
+                    outer.names.append(msg.split(" in ")[0][len("Finished XLA compilation of ") :])
+
+        self._h, self._logger = H(), logging.getLogger("jax")
+        self._level = self._logger.level
+        self._logger.addHandler(self._h)
+        self._logger.setLevel(logging.DEBUG)
+        self._prev = jax.config.jax_log_compiles
+        jax.config.update("jax_log_compiles", True)
+        return self
+
+    def __exit__(self, *exc):
+        jax.config.update("jax_log_compiles", self._prev)
+        self._logger.removeHandler(self._h)
+        self._logger.setLevel(self._level)
+
+
+def test_a_new_batch_size_or_step_count_compiles_one_program():
+    # the prior draw, the grid, the solve and the finiteness check are one compiled program, so
+    # a new batch size or step count costs one compilation, not one per eager op; the adaptive
+    # PF-ODE reads only the grid's ends, so a new step count compiles nothing
+    sch, model, params = _setup()
+    key = jax.random.PRNGKey(3)
+    for sampler in (samplers.ddim(), samplers.dpm_solver_pp()):
+        jaxdiff.sample(key, model, params, sch, (16, 2), sampler, steps=5)  # warm
+        for shape, steps in (((24, 2), 5), ((24, 2), 7), ((16, 2), 7)):
+            with _CountCompiles() as c:
+                jaxdiff.sample(key, model, params, sch, shape, sampler, steps=steps)
+            assert c.n == 1, (sampler.name, shape, steps, c.names)
+        with _CountCompiles() as c:  # everything seen before: nothing compiles
+            jaxdiff.sample(key, model, params, sch, (24, 2), sampler, steps=5)
+        assert c.n == 0, c.names
+    ode = samplers.pf_ode()
+    a = jaxdiff.sample(key, model, params, sch, (16, 2), ode, steps=5)
+    with _CountCompiles() as c:
+        b = jaxdiff.sample(key, model, params, sch, (16, 2), ode, steps=40)
+    assert c.n == 0, c.names
+    np.testing.assert_array_equal(a, b)
+
+
 # --------------------------------------------------------------------------------------------
 # grids
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from jaxdiff._checks import NonFiniteError, SolverError, fail, is_concrete
 from jaxdiff.denoiser import Denoiser
 from jaxdiff.samplers.base import Sampler, solve
 from jaxdiff.samplers.classic import ddim
-from jaxdiff.samplers.grids import resolve_grid
+from jaxdiff.samplers.grids import GridSpec, resolve_grid
 from jaxdiff.schedules import Schedule
 
 __all__ = ["sample", "prior_sample"]
@@ -36,15 +36,31 @@ def _prior_sample(key, schedule, shape, dtype):
     return schedule.prior_std().astype(dtype) * z
 
 
-def _run(key, model, params, schedule, x_T, ts, sampler, cond, final_denoise, unroll=1):
-    x, info = solve(key, model, params, schedule, x_T, ts, sampler, cond, unroll=unroll)
+def _draw_prior(key, schedule, shape, dtype):
+    draw = lambda i: jax.random.normal(jax.random.fold_in(key, i), shape[1:], dtype)  # noqa: E731
+    z = jax.vmap(draw)(jnp.arange(shape[0]))
+    return schedule.prior_std().astype(dtype) * z
+
+
+def _run(key, model, params, schedule, x_T, ts, sampler, cond, final_denoise, unroll=1,
+         shape=None, dtype=None, grid=None):  # fmt: skip
+    """One whole sampling call: the prior draw (when ``x_T`` is None: ``shape``/``dtype``), the
+    grid (when ``ts`` is a :class:`GridSpec` triple ``grid = (steps, kind)`` with ``ts = (t0,
+    t1)``), the solve, the optional final denoising and the finiteness check -- traced as one
+    program, so a new batch size or step count compiles once."""
+    k_prior, k_run = jax.random.split(key)
+    if x_T is None:
+        x_T = _draw_prior(k_prior, schedule, shape, jnp.dtype(dtype))
+    if grid is not None:
+        ts = GridSpec(grid[0], grid[1], ts[0], ts[1]).build(schedule, x_T.dtype)
+    x, info = solve(k_run, model, params, schedule, x_T, ts, sampler, cond, unroll=unroll)
     if final_denoise:
         x, _ = model.x0_eps(params, x, ts[-1], cond, schedule)
         info = info._replace(nfe=info.nfe + 1)
-    return x, info
+    return x, info, ts, jnp.all(jnp.isfinite(x))
 
 
-_run_jit = jax.jit(_run, static_argnames=("final_denoise", "unroll"))
+_run_jit = jax.jit(_run, static_argnames=("final_denoise", "unroll", "shape", "dtype", "grid"))
 
 
 def sample(
@@ -107,30 +123,43 @@ def sample(
         fail("sampler", sampler, "a jaxdiff sampler, e.g. jaxdiff.samplers.ddim()")
     if not isinstance(schedule, Schedule):
         fail("schedule", schedule, "a jaxdiff schedule, e.g. jaxdiff.schedules.vp_linear()")
-    k_prior, k_run = jax.random.split(key)
     if isinstance(x_T_or_shape, tuple | list):
         shape = tuple(int(s) for s in x_T_or_shape)
         model.check_x(shape, "shape")
-        x_T = prior_sample(k_prior, schedule, shape, dtype)
+        dtype = jnp.dtype(dtype or jnp.result_type(float))
+        x_T, batch = None, shape[0]
     else:
         x_T = jnp.asarray(x_T_or_shape)
         model.check_x(x_T, "x_T")
+        shape, dtype, batch = None, None, x_T.shape[0]
+    t_dtype = x_T.dtype if x_T is not None else dtype
+    if not sampler.uses_grid and ts is None:
+        steps = 1  # an adaptive solve uses only the grid's ends: the step count is not compiled in
     ts = resolve_grid(
         schedule, sampler.min_steps, sampler.default_grid, steps, ts, grid, t_start, t_end,
-        dtype=x_T.dtype,
+        dtype=t_dtype, deferred=True,
     )  # fmt: skip
+    if isinstance(ts, GridSpec):
+        grid_static, ts_arg = (ts.steps, ts.kind), (ts.t_start, ts.t_end)
+    else:
+        if not sampler.uses_grid:
+            ts = ts[jnp.array([0, ts.shape[0] - 1])]
+        grid_static, ts_arg = None, ts
     if cond is not None and is_concrete(cond):
         for leaf in jax.tree_util.tree_leaves(cond):
-            if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != x_T.shape[0]:
+            if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != batch:
                 fail(
                     "cond",
                     f"shape {jnp.shape(leaf)}",
-                    f"a leading batch axis of size {x_T.shape[0]}",
+                    f"a leading batch axis of size {batch}",
                 )
 
-    traced = not is_concrete(key, params, x_T, ts, cond, sampler, schedule, model)
+    traced = not is_concrete(key, params, x_T, ts_arg, cond, sampler, schedule, model)
     run = _run if traced else _run_jit
-    x, info = run(k_run, model, params, schedule, x_T, ts, sampler, cond, final_denoise, unroll)
+    x, info, ts, finite = run(
+        key, model, params, schedule, x_T, ts_arg, sampler, cond, final_denoise, unroll,
+        shape=shape, dtype=None if dtype is None else dtype.name, grid=grid_static,
+    )  # fmt: skip
     if not traced and isinstance(info.steps, dict) and "solver_ok" in info.steps:
         if not bool(info.steps["solver_ok"]):
             raise SolverError(
@@ -140,7 +169,7 @@ def sample(
             )
     if check_finite and not traced:
         bad = int(info.first_nonfinite_step)
-        if bad >= 0 or not bool(jnp.all(jnp.isfinite(x))):
+        if bad >= 0 or not bool(finite):
             where = ""
             inside_solve = isinstance(info.steps, dict) and "solver_ok" in info.steps
             if 0 <= bad < ts.shape[0] - 1 and not inside_solve:

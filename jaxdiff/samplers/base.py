@@ -65,13 +65,16 @@ class Sampler(struct.PyTreeNode):
     """Base class of all samplers. Subclasses implement :meth:`kernel` (or :meth:`solve`).
 
     Class attributes: ``nfe_per_step`` (model evaluations per grid step), ``min_steps`` (the
-    fewest grid steps the method accepts), ``stochastic`` (draws noise), ``default_grid``.
+    fewest grid steps the method accepts), ``stochastic`` (draws noise), ``default_grid``,
+    ``uses_grid`` (False for solvers that choose their own steps and read only the grid's two
+    ends: :func:`jaxdiff.sample` then passes just the ends, so ``steps`` is not compiled in).
     """
 
     nfe_per_step = 1
     min_steps = 1
     stochastic = False
     default_grid = "uniform"
+    uses_grid = True
 
     @property
     def name(self) -> str:

@@ -89,7 +89,8 @@ class PFODE(Sampler):
     Attributes:
       solver: any diffrax ODE solver (default ``Tsit5``).
       adaptive: ``True``: PID step-size control with ``rtol``/``atol`` between the grid's ends
-        (the grid's first step is the initial step guess); ``False``: exactly the grid.
+        (diffrax picks the first step; the grid's interior is not used, so ``steps`` neither
+        changes the result nor recompiles); ``False``: exactly the grid.
       rtol, atol: tolerances (leaves: changing them does not recompile).
       max_steps: diffrax's step cap (static). With a discrete (DDPM) schedule the adaptive solve
         steps onto every knot of ``log alpha`` inside the grid (1000 by default), so it takes at
@@ -110,12 +111,18 @@ class PFODE(Sampler):
     def min_steps(self):
         return 1
 
+    @property
+    def uses_grid(self):
+        return not self.adaptive
+
     def solve(self, key, model, params, schedule, x_T, ts, cond=None, unroll=1):  # noqa: ARG002
         def vf(t, y, args):
             p, c = args
             return pf_ode_vector_field(model, p, schedule, y, t, c)
 
         controller, dt0 = _controller(self.adaptive, self.rtol, self.atol, ts, schedule.kinks())
+        if self.adaptive:
+            dt0 = None  # diffrax's initial-step selection (Hairer et al.), independent of the grid
         sol = diffrax.diffeqsolve(
             diffrax.ODETerm(vf),
             self.solver,

@@ -7,13 +7,15 @@ optimised or written by hand). Formulas: ``shared/reference/samplers.md`` sectio
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff._checks import as_float_array, check_positive_int, fail, is_concrete
 from jaxdiff.schedules import Schedule
 
-__all__ = ["GRIDS", "time_grid", "check_grid"]
+__all__ = ["GRIDS", "GridSpec", "time_grid", "check_grid", "resolve_grid"]
 
 GRIDS = ("uniform", "log_snr", "quadratic", "karras")
 
@@ -44,7 +46,27 @@ def time_grid(
     Returns:
       Array of shape ``(steps + 1,)``, ``ts[0] = t_start > ... > ts[-1] = t_end``.
     """
-    steps = check_positive_int("steps", steps)
+    steps, t0, t1 = _check_grid_args(schedule, steps, kind, t_start, t_end, dtype)
+    u = jnp.linspace(0.0, 1.0, steps + 1, dtype=t0.dtype)
+    if kind == "uniform":
+        ts = t0 + u * (t1 - t0)
+    elif kind == "log_snr":
+        l0, l1 = schedule.lam(t0), schedule.lam(t1)
+        ts = schedule.t_from_lam(l0 + u * (l1 - l0))
+    elif kind == "quadratic":
+        ts = (jnp.sqrt(t0) + u * (jnp.sqrt(t1) - jnp.sqrt(t0))) ** 2
+    else:
+        s0, s1 = schedule.sigma_tilde(t0), schedule.sigma_tilde(t1)
+        r = 1.0 / rho
+        st = (s0**r + u * (s1**r - s0**r)) ** rho
+        ts = schedule.t_from_sigma_tilde(st)
+    # pin the endpoints exactly (inverse maps round off)
+    return ts.at[0].set(t0).at[-1].set(t1)
+
+
+def _check_grid_args(schedule, steps, kind, t_start, t_end, dtype, steps_arg="steps"):
+    """Host-side checks of :func:`time_grid`'s arguments; ``(steps, t0, t1)``."""
+    steps = check_positive_int(steps_arg, steps)
     if kind not in GRIDS:
         fail("grid", kind, f"one of {GRIDS}")
     t0 = as_float_array(schedule.t_start if t_start is None else t_start)
@@ -65,21 +87,23 @@ def time_grid(
             float(t0),
             f"a time greater than t_end={float(t1):g} (sampling runs noisy -> clean)",
         )
-    u = jnp.linspace(0.0, 1.0, steps + 1, dtype=t0.dtype)
-    if kind == "uniform":
-        ts = t0 + u * (t1 - t0)
-    elif kind == "log_snr":
-        l0, l1 = schedule.lam(t0), schedule.lam(t1)
-        ts = schedule.t_from_lam(l0 + u * (l1 - l0))
-    elif kind == "quadratic":
-        ts = (jnp.sqrt(t0) + u * (jnp.sqrt(t1) - jnp.sqrt(t0))) ** 2
-    else:
-        s0, s1 = schedule.sigma_tilde(t0), schedule.sigma_tilde(t1)
-        r = 1.0 / rho
-        st = (s0**r + u * (s1**r - s0**r)) ** rho
-        ts = schedule.t_from_sigma_tilde(st)
-    # pin the endpoints exactly (inverse maps round off)
-    return ts.at[0].set(t0).at[-1].set(t1)
+    return steps, t0, t1
+
+
+class GridSpec(NamedTuple):
+    """A grid to build inside a compiled program: ``time_grid(schedule, steps, kind,
+    t_start=t_start, t_end=t_end)`` (``steps`` and ``kind`` static, the times traced), so a new
+    step count compiles one program rather than several small ones."""
+
+    steps: int
+    kind: str
+    t_start: Any
+    t_end: Any
+
+    def build(self, schedule: Schedule, dtype=None):
+        return time_grid(
+            schedule, self.steps, self.kind, t_start=self.t_start, t_end=self.t_end, dtype=dtype
+        )
 
 
 def check_grid(ts, schedule: Schedule, arg: str = "ts", min_steps: int = 1):
@@ -111,19 +135,25 @@ def resolve_grid(
     t_end=None,
     dtype=None,
     steps_arg: str = "steps",
+    deferred: bool = False,
 ):
     """The time grid of a sampling call: ``ts`` checked with :func:`check_grid`, or (when ``ts``
-    is None) :func:`time_grid` of ``steps`` intervals of kind ``grid or default_grid``.
+    is None) :func:`time_grid` of ``steps`` intervals of kind ``grid``, else the sampler's
+    ``default_grid``, where ``"uniform"`` means the schedule's own default spacing
+    (``schedule.default_grid``: uniform in t, Karras for the EDM schedule).
 
     Shared by :func:`jaxdiff.sample`, :func:`jaxdiff.parallel.sample` and the fine-tuning loop.
     ``min_steps`` is the sampler's fewest grid steps; ``steps_arg`` names ``steps`` in errors.
-    Returns ``ts`` of shape ``(steps + 1,)``.
+    Returns ``ts`` of shape ``(steps + 1,)``; with ``deferred`` (and no ``ts``), a validated
+    :class:`GridSpec` to build inside the caller's compiled program instead.
     """
     if ts is not None:
         return check_grid(ts, schedule, "ts", max(1, min_steps))
     if steps is None:
         fail(steps_arg, steps, "an integer >= 1 (or pass ts=...)")
     steps = check_positive_int(steps_arg, steps, max(1, min_steps))
-    return time_grid(
-        schedule, steps, grid or default_grid, t_start=t_start, t_end=t_end, dtype=dtype
-    )
+    kind = grid or (schedule.default_grid if default_grid == "uniform" else default_grid)
+    _, t0, t1 = _check_grid_args(schedule, steps, kind, t_start, t_end, dtype, steps_arg)
+    if deferred:
+        return GridSpec(steps, kind, t0, t1)
+    return time_grid(schedule, steps, kind, t_start=t0, t_end=t1, dtype=dtype)
