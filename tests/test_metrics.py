@@ -126,8 +126,17 @@ def test_sw_floor_is_small_and_below_a_real_shift():
         return np.random.default_rng(np.asarray(key)).normal(size=(n, 3)).astype(np.float32)
 
     floor = float(M.sliced_wasserstein_floor(KEY, sample_fn, 1000))
-    assert calls == [1000, 1000]
+    assert calls == [1000] * 16  # the mean over 8 pairs
     assert 0.0 < floor < 0.1
+    calls.clear()
+    one = float(M.sliced_wasserstein_floor(KEY, sample_fn, 1000, num_pairs=1))
+    assert calls == [1000, 1000] and 0.0 < one < 0.1
+    # the mean of 8 pairs is the mean of the 8 single-pair floors of the folded keys
+    singles = [
+        float(M.sliced_wasserstein_floor(jax.random.fold_in(KEY, i), sample_fn, 1000, num_pairs=1))
+        for i in range(8)
+    ]
+    assert floor == pytest.approx(np.mean(singles), rel=1e-5)
     x = sample_fn(np.array([0, 5], np.uint32), 1000) + 0.5 / np.sqrt(3)
     y = sample_fn(np.array([0, 6], np.uint32), 1000)
     assert float(M.sliced_wasserstein(KEY, x, y)) > 3 * floor
