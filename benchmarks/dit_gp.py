@@ -76,10 +76,12 @@ def run(lengthscale, steps, batch, n_data, n_eval, seed=0):
     out = {}
     dit_net = DiT(hidden=64, depth=2, num_heads=4, patch_size=4)
     dit_model, dit_params = models.as_denoiser(
-        dit_net, jax.random.fold_in(key, 1), data[:1].reshape(1, L, 1)
+        dit_net, jax.random.fold_in(key, 1), data[:1].reshape(1, L, 1), parametrization="eps"
     )
     mlp_net = matched_mlp(n_params(dit_params), data[:1], jax.random.fold_in(key, 2))
-    mlp_model, mlp_params = models.as_denoiser(mlp_net, jax.random.fold_in(key, 2), data[:1])
+    mlp_model, mlp_params = models.as_denoiser(
+        mlp_net, jax.random.fold_in(key, 2), data[:1], parametrization="eps"
+    )
     for name, model, params, shape, d in (
         ("DiT", dit_model, dit_params, (L, 1), data.reshape(-1, L, 1)),
         (f"MLP(h={mlp_net.hidden})", mlp_model, mlp_params, (L,), data),

@@ -203,7 +203,7 @@ def mlp_setting(rounds):
         jax.random.PRNGKey(1), 65536
     )
     net = models.MLPScoreNet(hidden=256, depth=3)
-    model, p0 = models.as_denoiser(net, jax.random.PRNGKey(2), data[:1])
+    model, p0 = models.as_denoiser(net, jax.random.PRNGKey(2), data[:1], parametrization="eps")
     steps = 3000
     t0 = time.perf_counter()
     opt = optax.adam(optax.cosine_decay_schedule(2e-3, steps, 0.05))

@@ -118,7 +118,7 @@ def cost(batch: int, repeat: int, dim=64, hidden=256, depth=4) -> dict:
     k1, k2, k3, k4 = jax.random.split(key, 4)
     x = jax.random.normal(k1, (batch, dim), jnp.float32)
     net = models.MLPScoreNet(hidden=hidden, depth=depth, zero_init_out=False)
-    model, params = models.as_denoiser(net, k2, x[:1])
+    model, params = models.as_denoiser(net, k2, x[:1], parametrization="eps")
     sch = schedules.vp_linear()
     t = jnp.full((batch,), 0.5, jnp.float32)
     g = jax.random.normal(k3, (dim,), jnp.float32)

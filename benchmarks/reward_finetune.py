@@ -56,7 +56,9 @@ def pretrain(steps: int):
     sch = schedules.vp_linear()
     data = mix.sample(jax.random.key(1), 8192)
     net = models.MLPScoreNet(hidden=64, depth=2)
-    model, params = models.as_denoiser(net, jax.random.key(0), jnp.zeros((1, 2)))
+    model, params = models.as_denoiser(
+        net, jax.random.key(0), jnp.zeros((1, 2)), parametrization="eps"
+    )
     params = train.fit(
         jax.random.key(2), model, params, sch, data, optax.adam(2e-3), steps,
         batch_size=256, ema_decay=0.0, progress=False,
@@ -137,7 +139,9 @@ def tradeoff(iters: int, pre_steps: int) -> dict:
 def cost(ks, repeat: int) -> dict:
     sch = schedules.vp_linear()
     net = models.MLPScoreNet(hidden=128, depth=3)
-    model, params = models.as_denoiser(net, jax.random.key(0), jnp.zeros((1, 2)))
+    model, params = models.as_denoiser(
+        net, jax.random.key(0), jnp.zeros((1, 2)), parametrization="eps"
+    )
     opt = optax.adam(1e-4)
     reward = Linear(np.array([1.0, 0.0], np.float32))
     rows = {"k": list(ks), "checkpoint": {}, "no_checkpoint": {}}

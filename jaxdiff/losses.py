@@ -203,8 +203,8 @@ def dsm_loss_per_example(
     cond=None,
     *,
     target: str | None = None,
-    weighting: str = "none",
-    t_sampling: str = "uniform",
+    weighting: str | None = None,
+    t_sampling: str | None = None,
     t_min=None,
     t_max=None,
     min_snr_gamma=5.0,
@@ -230,13 +230,17 @@ def dsm_loss_per_example(
       x0: clean data, shape ``(batch, *event_shape)``.
       cond: condition with leading axis ``batch`` (or None).
       target: loss space; defaults to ``model.parametrization``.
-      weighting: one of :data:`WEIGHTINGS`.
-      t_sampling: one of :data:`T_SAMPLINGS`.
+      weighting: one of :data:`WEIGHTINGS`; default ``model.default_weighting`` (``"none"``,
+        or ``"edm"`` for a :class:`~jaxdiff.denoiser.Preconditioned` model: its network's
+        regression target gets unit weight).
+      t_sampling: one of :data:`T_SAMPLINGS`; default ``schedule.default_t_sampling``
+        (``"uniform"``; EDM's ``"lognormal"`` on the EDM schedule, where ``t = sigma``).
       t_min, t_max: time range (default ``[schedule.t_end, schedule.t_start]``).
       min_snr_gamma: ``gamma`` of ``"min_snr"``.
       cond_drop_prob: label-dropout probability (:func:`drop_cond`).
       null_cond: the null condition for label dropout.
-      sigma_data: data std for the ``"edm"`` weighting.
+      sigma_data: data std for the ``"edm"`` weighting (default: the model's ``sigma_data``
+        when it has one, else the schedule's, else 0.5).
       reduce: ``"sum"`` (squared norm over the event dims, the default) or ``"mean"``.
     Returns:
       losses, shape ``(batch,)``.
@@ -245,6 +249,9 @@ def dsm_loss_per_example(
         fail("model", type(model).__name__, "a jaxdiff Denoiser (see jaxdiff.models.as_denoiser)")
     target = model.parametrization if target is None else target
     parametrize.check_parametrization(target, "target")
+    weighting = model.default_weighting if weighting is None else weighting
+    if sigma_data is None:
+        sigma_data = getattr(model, "sigma_data", None)
     if weighting not in WEIGHTINGS:
         fail("weighting", weighting, f"one of {WEIGHTINGS}")
     if reduce not in ("sum", "mean"):
@@ -256,6 +263,8 @@ def dsm_loss_per_example(
     batch = x0.shape[0]
 
     k_t, k_eps, k_drop = jax.random.split(key, 3)
+    if t_sampling is None:
+        t_sampling = schedule.default_t_sampling
     t = sample_times(k_t, schedule, batch, t_sampling, t_min, t_max, dtype=x0.dtype)
     eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
     x_t = schedule.marginal(x0, eps, t)
@@ -290,8 +299,8 @@ def dsm_loss(
     cond=None,
     *,
     target: str | None = None,
-    weighting: str = "none",
-    t_sampling: str = "uniform",
+    weighting: str | None = None,
+    t_sampling: str | None = None,
     t_min=None,
     t_max=None,
     min_snr_gamma=5.0,

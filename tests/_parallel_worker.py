@@ -58,7 +58,11 @@ def main() -> None:
     sch = schedules.vp_linear()
     net = MLPScoreNet(hidden=16, depth=1, num_classes=3, zero_init_out=False)
     model, params = as_denoiser(
-        net, jax.random.key(0), jnp.zeros((1, 2)), cond_example=jnp.zeros((1,), jnp.int32)
+        net,
+        jax.random.key(0),
+        jnp.zeros((1, 2)),
+        cond_example=jnp.zeros((1,), jnp.int32),
+        parametrization="eps",
     )
     key = jax.random.key(7)
     mesh = parallel.make_mesh(n)
@@ -170,7 +174,9 @@ def main() -> None:
 
         unet = UNet(channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,),
                     num_heads=2, groups=4)  # fmt: skip
-        umodel, uparams = as_denoiser(unet, jax.random.key(3), jnp.zeros((1, 8, 8, 1)))
+        umodel, uparams = as_denoiser(
+            unet, jax.random.key(3), jnp.zeros((1, 8, 8, 1)), parametrization="eps"
+        )
         leaves, tdef = jax.tree.flatten(uparams)
         ks = jax.random.split(jax.random.key(4), len(leaves))
         uparams = tdef.unflatten(

@@ -312,7 +312,7 @@ def test_digits_cfg_pipeline(clf):
         num_classes=10,
     )
     key = jax.random.PRNGKey(0)
-    model, params = as_denoiser(net, key, x_tr[:1], cond_example=y_tr[:1])
+    model, params = as_denoiser(net, key, x_tr[:1], cond_example=y_tr[:1], parametrization="eps")
     sch = schedules.vp_cosine()
     steps = 3000
     opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 3e-3, 100, steps, 1.5e-4))

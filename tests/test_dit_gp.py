@@ -107,7 +107,7 @@ def test_gp_bad_inputs():
 def _setup(length, lengthscale, net, n_data, seed=0):
     dist = analytic.gp_sequence(length, lengthscale=lengthscale, kernel="exp")
     data = dist.sample(_key(seed), n_data).reshape(-1, length, 1)  # (B, L, C) for the DiT
-    model, params = models.as_denoiser(net, _key(seed + 1), data[:1])
+    model, params = models.as_denoiser(net, _key(seed + 1), data[:1], parametrization="eps")
     # the exact denoiser takes the same (B, L, 1) inputs (flattened internally)
     exact, exact_params = analytic.as_denoiser(dist, SCHED, event_shape=(length, 1))
     return dist, data, model, params, exact, exact_params

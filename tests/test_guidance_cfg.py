@@ -75,7 +75,11 @@ def _real_cond_net():
     tests so its initialisation compiles once."""
     net = models.MLPScoreNet(hidden=32, depth=1, cond_dim=3, zero_init_out=False)
     model, params = models.as_denoiser(
-        net, jax.random.key(2), jnp.zeros((1, 2)), cond_example=jnp.zeros((1, 3))
+        net,
+        jax.random.key(2),
+        jnp.zeros((1, 2)),
+        cond_example=jnp.zeros((1, 3)),
+        parametrization="eps",
     )
     return net, model, params
 
@@ -369,7 +373,9 @@ def test_trained_conditional_mlp_with_label_dropout():
     y = jax.random.randint(k1, (20000,), 0, 4)
     x = jnp.asarray(SQUARE, jnp.float32)[y] + jax.random.normal(k2, (20000, 2))
     net = models.MLPScoreNet(hidden=64, depth=2, num_classes=4)
-    model, p0 = models.as_denoiser(net, jax.random.key(1), x[:2], cond_example=y[:2])
+    model, p0 = models.as_denoiser(
+        net, jax.random.key(1), x[:2], cond_example=y[:2], parametrization="eps"
+    )
     state, hist = train.train(
         jax.random.key(2), model, p0, sched, (x, y), optax.adam(2e-3), 2000, batch_size=256,
         progress=False, log_every=500, cond_drop_prob=0.2, null_cond=net.null_cond,
@@ -454,7 +460,9 @@ def test_unknown_class_ids_surface_through_cfg():
     with pytest.raises(JaxdiffError, match="cond=.*unknown id 5"):  # a bad null id
         cfg(model, 2.0, null_cond=5)(params, x, t, jnp.zeros((4,), jnp.int32))
     net = models.MLPScoreNet(hidden=8, depth=1, num_classes=3)
-    m, p = models.as_denoiser(net, jax.random.key(0), x, cond_example=jnp.zeros((4,), jnp.int32))
+    m, p = models.as_denoiser(
+        net, jax.random.key(0), x, cond_example=jnp.zeros((4,), jnp.int32), parametrization="eps"
+    )
     for null in (3, None):
         with pytest.raises(JaxdiffError, match=r"cond=.*labels in \[0, 3\]"):
             cfg(m, 2.0, null_cond=null)(p, x, t, bad)

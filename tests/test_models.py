@@ -29,7 +29,7 @@ def uncond_model():
     # sinusoidal time embedding here; the conditional nets below use the default (fourier)
     net = models.MLPScoreNet(time_embedding="sinusoidal", **SMALL)
     x = jax.random.normal(KEY, (5, 4, 3))  # any event shape: flattened and restored
-    model, params = models.as_denoiser(net, KEY, x[:2])
+    model, params = models.as_denoiser(net, KEY, x[:2], parametrization="eps")
     return model, params, x
 
 
@@ -50,7 +50,7 @@ def class_model():
     net = models.MLPScoreNet(num_classes=3, zero_init_out=False, **SMALL)
     x = jax.random.normal(KEY, (4, 2))
     labels = jnp.array([0, 1, 2, 3])  # 3 = the null label
-    model, params = models.as_denoiser(net, KEY, x, cond_example=labels)
+    model, params = models.as_denoiser(net, KEY, x, cond_example=labels, parametrization="eps")
     return net, model, params, x, labels
 
 
@@ -78,7 +78,7 @@ def test_vector_conditioning_and_null_flag():
     net = models.MLPScoreNet(cond_dim=3, zero_init_out=False, **SMALL)
     x = jax.random.normal(KEY, (4, 2))
     c = jax.random.normal(jax.random.PRNGKey(1), (4, 3))
-    model, params = models.as_denoiser(net, KEY, x, cond_example=c)
+    model, params = models.as_denoiser(net, KEY, x, cond_example=c, parametrization="eps")
     out = _call(model, params, x, 0.5, c)
     assert out.shape == x.shape
     # a NaN row means "null": equal to cond=None, finite, and no NaN in the gradient
@@ -97,11 +97,15 @@ def test_vector_conditioning_and_null_flag():
 def test_bad_fields():
     x = jnp.ones((2, 2))
     with pytest.raises(JaxdiffError, match="time_embedding"):
-        models.as_denoiser(models.MLPScoreNet(time_embedding="rope", **SMALL), KEY, x)
+        models.as_denoiser(
+            models.MLPScoreNet(time_embedding="rope", **SMALL), KEY, x, parametrization="eps"
+        )
     with pytest.raises(JaxdiffError, match="cond_dim"):
-        models.as_denoiser(models.MLPScoreNet(num_classes=2, cond_dim=2, **SMALL), KEY, x)
+        models.as_denoiser(
+            models.MLPScoreNet(num_classes=2, cond_dim=2, **SMALL), KEY, x, parametrization="eps"
+        )
     with pytest.raises(JaxdiffError, match="hidden"):
-        models.as_denoiser(models.MLPScoreNet(hidden=0), KEY, x)
+        models.as_denoiser(models.MLPScoreNet(hidden=0), KEY, x, parametrization="eps")
 
 
 # ------------------------------------------------------------------------------------------
@@ -152,7 +156,7 @@ def test_adapters_agree_for_equal_weights():
 
 
 def test_plain_function_without_example_accepts_any_shape():
-    model, params = models.as_denoiser(lambda p, x, t, c: p * x, params=2.0)
+    model, params = models.as_denoiser(lambda p, x, t, c: p * x, params=2.0, parametrization="eps")
     assert model.event_shape is None
     np.testing.assert_allclose(_call(model, params, jnp.ones((2, 3, 4)), 0.1), 2.0)
 
@@ -162,19 +166,25 @@ def test_adapter_errors_name_the_argument():
     with pytest.raises(JaxdiffError, match="parametrization"):
         models.as_denoiser(_LinenLinear(3), KEY, x, parametrization="noise")
     with pytest.raises(JaxdiffError, match="x_example"):
-        models.as_denoiser(_LinenLinear(3), KEY, jnp.ones(3))  # no batch axis
+        models.as_denoiser(
+            _LinenLinear(3), KEY, jnp.ones(3), parametrization="eps"
+        )  # no batch axis
     with pytest.raises(JaxdiffError, match="x_example"):
-        models.as_denoiser(_LinenLinear(3), KEY)
+        models.as_denoiser(_LinenLinear(3), KEY, parametrization="eps")
     with pytest.raises(JaxdiffError, match="key"):
-        models.as_denoiser(_LinenLinear(3), None, x)
+        models.as_denoiser(_LinenLinear(3), None, x, parametrization="eps")
     with pytest.raises(JaxdiffError, match="net"):
-        models.as_denoiser(42, KEY, x)
+        models.as_denoiser(42, KEY, x, parametrization="eps")
     with pytest.raises(JaxdiffError, match="net"):
-        models.as_denoiser(models.MLPScoreNet, KEY, x)  # a class, not an instance
+        models.as_denoiser(
+            models.MLPScoreNet, KEY, x, parametrization="eps"
+        )  # a class, not an instance
     with pytest.raises(JaxdiffError, match="net"):
-        models.as_denoiser(_LinenLinear(2), KEY, x)  # output shape (2, 2) != (2, 3)
+        models.as_denoiser(
+            _LinenLinear(2), KEY, x, parametrization="eps"
+        )  # output shape (2, 2) != (2, 3)
     with pytest.raises(JaxdiffError, match="params"):
-        models.as_denoiser(_plain, x_example=x)
+        models.as_denoiser(_plain, x_example=x, parametrization="eps")
 
 
 def test_nnx_module_with_rng_state_is_rejected():
@@ -187,17 +197,17 @@ def test_nnx_module_with_rng_state_is_rejected():
             return self.drop(self.lin(x))
 
     with pytest.raises(JaxdiffError, match="net"):
-        models.as_denoiser(WithDropout(nnx.Rngs(0)))
+        models.as_denoiser(WithDropout(nnx.Rngs(0)), parametrization="eps")
 
 
 def test_equal_modules_give_equal_denoisers(uncond_model):
     # hashable, equal apply functions: jit caches hit across as_denoiser calls
     m1, _, x = uncond_model
     net = models.MLPScoreNet(time_embedding="sinusoidal", **SMALL)
-    m2, _ = models.as_denoiser(net, jax.random.PRNGKey(5), x[:2])
+    m2, _ = models.as_denoiser(net, jax.random.PRNGKey(5), x[:2], parametrization="eps")
     assert m1 == m2 and hash(m1) == hash(m2)
-    n1, _ = models.as_denoiser(_NNXLinear(2, nnx.Rngs(0)))
-    n2, _ = models.as_denoiser(_NNXLinear(2, nnx.Rngs(1)))
+    n1, _ = models.as_denoiser(_NNXLinear(2, nnx.Rngs(0)), parametrization="eps")
+    n2, _ = models.as_denoiser(_NNXLinear(2, nnx.Rngs(1)), parametrization="eps")
     assert n1 == n2
 
 
@@ -281,3 +291,91 @@ def test_toy_data_errors():
         data.two_moons(KEY, 0)
     with pytest.raises(JaxdiffError, match="squares"):
         data.checkerboard(KEY, 10, squares=3)
+
+
+# ------------------------------------------------------------------------------------------
+# EDM preconditioning (parametrization="edm")
+# ------------------------------------------------------------------------------------------
+def _fn(p, x, t, c=None):
+    return jnp.sin(p * x) + t[:, None] * x**2
+
+
+@pytest.mark.parametrize("sched", ["vp_linear", "vp_cosine"])
+def test_edm_with_unit_sigma_data_is_v_prediction_on_vp(x64, sched):
+    # VP: D = alpha x + sigma F, i.e. v-prediction with F = -v (and the same unweighted loss)
+    from jaxdiff import losses, schedules
+
+    sch = getattr(schedules, sched)()
+    x = jax.random.normal(KEY, (6, 3), jnp.float64)
+    t = jnp.linspace(sch.t_end, sch.t_start, 6)
+    m_v, _ = models.as_denoiser(_fn, None, x, parametrization="v", params=1.3)
+    m_e, _ = models.as_denoiser(
+        lambda p, x, t, c=None: -_fn(p, x, t), None, x, parametrization="edm", params=1.3,
+        schedule=sch, sigma_data=1.0,
+    )  # fmt: skip
+    for a, b in zip(
+        m_v.x0_eps(1.3, x, t, None, sch), m_e.x0_eps(1.3, x, t, None, sch), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    k = jax.random.PRNGKey(4)
+    np.testing.assert_allclose(
+        losses.dsm_loss_per_example(1.3, k, m_v, sch, x),
+        losses.dsm_loss_per_example(1.3, k, m_e, sch, x),
+        rtol=1e-10,
+    )
+
+
+@pytest.mark.parametrize("sched", ["vp_linear", "ve", "edm", "flow"])
+def test_edm_preconditioning_is_exact_for_gaussian_data_at_zero_output(x64, sched):
+    # data N(m=0, sd^2 I): the exact x0-prediction is c_skip x / alpha, i.e. F* = 0, so the
+    # zero-initialised network is already the exact denoiser; the network input c_in x_t has
+    # unit variance at every noise level; the default loss is ||F - F_target||^2 unweighted
+    from jaxdiff import analytic, losses, schedules
+
+    sch = getattr(schedules, sched)()
+    sd = 0.7
+    dist = analytic.gaussian(jnp.zeros(3), jnp.full((3,), sd**2))
+    exact, dparams = analytic.as_denoiser(dist, sch)
+    zero = lambda p, x, t, c=None: jnp.zeros_like(x)  # noqa: E731
+    x = 3.0 * jax.random.normal(KEY, (5, 3), jnp.float64)
+    t = jnp.linspace(sch.t_end, sch.t_start, 5)
+    m, _ = models.as_denoiser(zero, None, x, parametrization="edm", params=0.0, schedule=sch,
+                              sigma_data=sd)  # fmt: skip
+    np.testing.assert_allclose(
+        m.x0_eps(0.0, x, t, None, sch)[0], exact.x0_eps(dparams, x, t, None, sch)[0], rtol=1e-8
+    )
+    c_in, c_skip, c_out = m.coefficients(t)
+    a, s = sch.alpha_sigma(t)
+    np.testing.assert_allclose(c_in**2 * (a**2 * sd**2 + s**2), 1.0, rtol=1e-12)
+    st = s / a
+    np.testing.assert_allclose(c_skip * a, sd**2 / (st**2 + sd**2), rtol=1e-12)
+    np.testing.assert_allclose(c_out, st * sd / jnp.sqrt(st**2 + sd**2), rtol=1e-12)
+
+    # the loss of a network F(u, t) = u: the EDM weighting makes it ||F - F_target||^2
+    ident = lambda p, u, t, c=None: p * u  # noqa: E731
+    mi, _ = models.as_denoiser(ident, None, x, parametrization="edm", params=1.0, schedule=sch,
+                               sigma_data=sd)  # fmt: skip
+    assert mi.default_weighting == "edm"
+    x0 = dist.sample(jax.random.PRNGKey(1), 5)
+    k = jax.random.PRNGKey(2)
+    got = losses.dsm_loss_per_example(1.0, k, mi, sch, x0)
+    k_t, k_eps, _ = jax.random.split(k, 3)
+    tt = losses.sample_times(k_t, sch, 5, dtype=x0.dtype)
+    eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
+    xt = sch.marginal(x0, eps, tt)
+    ci, cs, co = (v[:, None] for v in mi.coefficients(tt))
+    want = jnp.sum((ci * xt - (x0 - cs * xt) / co) ** 2, axis=-1)
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+
+
+def test_edm_preconditioning_bad_arguments():
+    x = jnp.zeros((1, 2))
+    with pytest.raises(JaxdiffError, match=r"^schedule=None"):
+        models.as_denoiser(_fn, None, x, parametrization="edm", params=1.0)
+    from jaxdiff import schedules
+
+    with pytest.raises(JaxdiffError, match=r"^sigma_data=0"):
+        models.as_denoiser(_fn, None, x, parametrization="edm", params=1.0,
+                           schedule=schedules.ve(), sigma_data=0)  # fmt: skip
+    with pytest.raises(JaxdiffError, match=r"^parametrization='edn'.*'edm'"):
+        models.as_denoiser(_fn, None, x, parametrization="edn", params=1.0)

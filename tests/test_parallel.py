@@ -152,7 +152,11 @@ def test_full_determinism_matrix_and_training_mesh(tmp_path):
 def _mlp():
     net = MLPScoreNet(hidden=16, depth=1, num_classes=3, zero_init_out=False)
     return as_denoiser(
-        net, jax.random.key(0), jnp.zeros((1, 2)), cond_example=jnp.zeros((1,), jnp.int32)
+        net,
+        jax.random.key(0),
+        jnp.zeros((1, 2)),
+        cond_example=jnp.zeros((1,), jnp.int32),
+        parametrization="eps",
     )
 
 

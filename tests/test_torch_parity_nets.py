@@ -100,7 +100,7 @@ def test_mlp_dsm_loss_grad_and_adam_step_parity():
     sch = schedules.vp_linear()
     x0 = jax.random.normal(jax.random.PRNGKey(0), (32, 4))
     v = _random_variables(net, x0, x0[:, 0])
-    model, v = models.as_denoiser(net, x_example=x0[:1], params=v)
+    model, v = models.as_denoiser(net, x_example=x0[:1], params=v, parametrization="eps")
     key = jax.random.PRNGKey(3)
     loss, grads = jax.jit(jax.value_and_grad(losses.dsm_loss))(v, key, model, sch, x0)
 

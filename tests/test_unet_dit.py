@@ -60,7 +60,7 @@ def _images(n, seed=0, size=4):
 @pytest.fixture(scope="module")
 def unet():
     net = UNet(num_classes=3, **UNET_KW)
-    model, params = models.as_denoiser(net, _key(1), _images(1))
+    model, params = models.as_denoiser(net, _key(1), _images(1), parametrization="eps")
     return net, model, params, _perturb(params)
 
 
@@ -68,7 +68,9 @@ def unet():
 def dit():
     net = DiT(cond_dim=2, **DIT_KW)
     x = jnp.zeros((1, 8, 2))
-    model, params = models.as_denoiser(net, _key(2), x, cond_example=jnp.zeros((1, 2)))
+    model, params = models.as_denoiser(
+        net, _key(2), x, cond_example=jnp.zeros((1, 2)), parametrization="eps"
+    )
     return net, model, params, _perturb(params, seed=1)
 
 
@@ -333,7 +335,9 @@ def test_mixed_precision_dit_and_mlp(dit):
     err = _rel(out16, _apply(net, pparams, x, t, cond))
     print(f"DiT bf16 vs fp32 relative error {err:.2e}")
     assert err < 3e-2
-    model16, _ = models.as_denoiser(net16, params=pparams, x_example=x[:1], cond_example=cond[:1])
+    model16, _ = models.as_denoiser(
+        net16, params=pparams, x_example=x[:1], cond_example=cond[:1], parametrization="eps"
+    )
     grads = jax.jit(jax.grad(dsm_loss), static_argnums=2)(pparams, _key(8), model16, SCHED, x, cond)
     leaves = jax.tree.leaves(grads)
     assert all(g.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(g))) for g in leaves)
