@@ -35,7 +35,6 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import distrax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -515,6 +514,8 @@ class GaussianMixture(AnalyticDistribution):
         """``p_t`` at scalar ``t`` as a distrax ``MixtureSameFamily`` of
         ``MultivariateNormalFullCovariance(alpha mu_k, C_k)``."""
         locs, covs = self._marginal_params(t, schedule)
+        import distrax  # imported on use: it pulls in TensorFlow Probability's JAX backend
+
         return distrax.MixtureSameFamily(
             distrax.Categorical(logits=self.log_weights),
             distrax.MultivariateNormalFullCovariance(locs, covs),
@@ -537,6 +538,8 @@ class Gaussian(GaussianMixture):
     def marginal(self, t, schedule: Schedule):
         """``p_t = N(alpha mu, alpha^2 Sigma + sigma^2 I)`` at scalar ``t`` (distrax)."""
         locs, covs = self._marginal_params(t, schedule)
+        import distrax
+
         return distrax.MultivariateNormalFullCovariance(locs[0], covs[0])
 
     @staticmethod
@@ -696,6 +699,8 @@ class LinearSubspace(AnalyticDistribution):
         a = jnp.asarray(a, self.dtype)
         s = jnp.asarray(s, self.dtype)
         cov = a**2 * self.cov() + s**2 * jnp.eye(self.dim, dtype=self.dtype)
+        import distrax
+
         return distrax.MultivariateNormalFullCovariance(a * self.loc, cov)
 
     def to_gaussian(self) -> Gaussian:
