@@ -3,15 +3,29 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow lint format docs docs-serve notebooks bench clean
+.PHONY: setup demo test test-slow test-newest lock lint format docs docs-serve notebooks bench clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# the tested versions: constraints.txt pins every dependency CI installs
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev,docs]"
+	$(PY) -m pip install -q -e ".[dev,docs]" -c constraints.txt
 	touch $@
+
+# the newest release of every dependency, in a separate environment: the deprecation test and
+# the fast unit tests (run before updating constraints.txt with `make lock`)
+test-newest:
+	python3 -m venv .venv-newest
+	.venv-newest/bin/python -m pip install -q --upgrade pip
+	.venv-newest/bin/python -m pip install -q --upgrade -e ".[dev]"
+	.venv-newest/bin/python -m pytest -q -p no:cacheprovider tests/test_warnings.py tests/test_schedules.py tests/test_parametrize.py tests/test_losses.py
+
+lock: setup
+	( echo "# The exact versions CI installs and tests (make setup: pip install -c constraints.txt)."; \
+	  echo "# Regenerate after an upgrade with 'make lock'; 'make test-newest' checks the newest releases."; \
+	  $(PY) -m pip freeze --exclude-editable | grep -v "^jaxdiff" ) > constraints.txt
 
 demo: setup
 	$(VENV)/bin/jaxdiff demo
@@ -56,4 +70,4 @@ bench: setup
 	$(PY) benchmarks/dit_gp.py
 
 clean:
-	rm -rf $(VENV) site .pytest_cache .ruff_cache samples.png
+	rm -rf $(VENV) .venv-newest site .pytest_cache .ruff_cache samples.png
