@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 WEIGHTINGS = ("none", "snr", "min_snr", "likelihood", "edm")
-T_SAMPLINGS = ("uniform", "log_snr", "lognormal")
+T_SAMPLINGS = ("uniform", "log_snr", "lognormal", "cosine")
 
 
 def _time_range(schedule: Schedule, t_min, t_max):
@@ -47,7 +47,7 @@ def sample_times(
     key,
     schedule: Schedule,
     n: int,
-    t_sampling: str = "uniform",
+    t_sampling: str | None = None,
     t_min=None,
     t_max=None,
     *,
@@ -55,7 +55,9 @@ def sample_times(
     lognormal_std=1.2,
     dtype=None,
 ):
-    """Draw ``n`` training times in ``[t_min, t_max]`` (default ``[schedule.t_end, t_start]``).
+    """Draw ``n`` training times in ``[t_min, t_max]`` (default ``[schedule.t_end, t_start]``)
+    from ``t_sampling`` (default ``schedule.default_t_sampling``: ``"cosine"``, or
+    ``"lognormal"`` on the EDM schedule):
 
     * ``"uniform"``: ``t ~ U[t_min, t_max]`` (Ho et al. arXiv 2006.11239; Song et al. 2011.13456).
     * ``"log_snr"``: ``lambda ~ U[lambda(t_max), lambda(t_min)]``, ``t = t(lambda)`` (uniform in
@@ -63,10 +65,17 @@ def sample_times(
     * ``"lognormal"``: ``ln sigma_tilde ~ N(lognormal_mean, lognormal_std^2)`` with
       ``sigma_tilde = sigma / alpha`` (EDM, Karras et al. arXiv 2206.00364: ``P_mean = -1.2``,
       ``P_std = 1.2``), clipped to ``[sigma_tilde(t_min), sigma_tilde(t_max)]``.
+    * ``"cosine"``: the noise levels of the cosine schedule whatever the schedule:
+      ``lambda = -log tan(pi u / 2)`` with ``u`` uniform on the interval that maps to
+      ``[lambda(t_max), lambda(t_min)]``, ``t = t(lambda)`` (density ``sech(lambda) / pi``; the
+      cosine schedule's ``alpha^2 = cos^2(pi u / 2)``, Nichol & Dhariwal arXiv 2102.09672; the
+      schedule as a distribution over ``lambda``: Kingma & Gao arXiv 2303.00848).
 
     Returns:
       times, shape ``(n,)``.
     """
+    if t_sampling is None:
+        t_sampling = schedule.default_t_sampling
     if t_sampling not in T_SAMPLINGS:
         fail("t_sampling", t_sampling, f"one of {T_SAMPLINGS}")
     lo, hi = _time_range(schedule, t_min, t_max)
@@ -78,6 +87,12 @@ def sample_times(
         lam_hi, lam_lo = schedule.lam(lo), schedule.lam(hi)
         lam = jax.random.uniform(key, (n,), dtype, lam_lo, lam_hi)
         t = schedule.t_from_lam(lam)
+    elif t_sampling == "cosine":
+        lam_hi, lam_lo = schedule.lam(lo), schedule.lam(hi)
+        u_lo = (2.0 / jnp.pi) * jnp.arctan(jnp.exp(-lam_hi))
+        u_hi = (2.0 / jnp.pi) * jnp.arctan(jnp.exp(-lam_lo))
+        u = jax.random.uniform(key, (n,), dtype, u_lo, u_hi)
+        t = schedule.t_from_lam(-jnp.log(jnp.tan(0.5 * jnp.pi * u)))
     else:
         log_st_lo, log_st_hi = -schedule.lam(lo), -schedule.lam(hi)
         log_st = lognormal_mean + lognormal_std * jax.random.normal(key, (n,), dtype)
@@ -234,7 +249,8 @@ def dsm_loss_per_example(
         or ``"edm"`` for a :class:`~jaxdiff.denoiser.Preconditioned` model: its network's
         regression target gets unit weight).
       t_sampling: one of :data:`T_SAMPLINGS`; default ``schedule.default_t_sampling``
-        (``"uniform"``; EDM's ``"lognormal"`` on the EDM schedule, where ``t = sigma``).
+        (``"cosine"``: the cosine schedule's noise levels on any schedule; EDM's
+        ``"lognormal"`` on the EDM schedule, where ``t = sigma``).
       t_min, t_max: time range (default ``[schedule.t_end, schedule.t_start]``).
       min_snr_gamma: ``gamma`` of ``"min_snr"``.
       cond_drop_prob: label-dropout probability (:func:`drop_cond`).

@@ -77,8 +77,10 @@ class Schedule(struct.PyTreeNode):
     #: (:func:`jaxdiff.samplers.grids.resolve_grid`): uniform in ``t`` unless ``t`` is a poor
     #: time variable for it (EDM's ``t = sigma``: ``"karras"``).
     default_grid: ClassVar[str] = "uniform"
-    #: the training-time distribution :func:`jaxdiff.losses.dsm_loss` draws by default
-    default_t_sampling: ClassVar[str] = "uniform"
+    #: the training-time distribution :func:`jaxdiff.losses.dsm_loss` draws by default: the
+    #: cosine schedule's noise levels (``"cosine"``: the same distribution of log-SNR whatever
+    #: the time variable); EDM's lognormal on the EDM schedule. Measured in docs/defaults.md.
+    default_t_sampling: ClassVar[str] = "cosine"
 
     # ---- to override -------------------------------------------------------------------
     def log_alpha(self, t):

@@ -159,6 +159,27 @@ def test_lognormal_times():
     assert float(u.min()) >= 0.2 and float(u.max()) <= 0.4
 
 
+def test_cosine_times_have_the_cosine_schedules_noise_levels():
+    # "cosine": lambda = -log tan(pi u / 2), u uniform on the interval mapping to the schedule's
+    # lambda range, so P(lambda <= x) = (u_hi - (2/pi) arctan(e^-x)) / (u_hi - u_lo) on any
+    # schedule, and on the cosine schedule (s = 0) it is exactly uniform in t
+    for sch in (SCHED, schedules.ve()):
+        lam = np.asarray(sch.lam(losses.sample_times(KEY, sch, 200_000, "cosine")), np.float64)
+        lam_hi, lam_lo = float(sch.lam(sch.t_end)), float(sch.lam(sch.t_start))
+        u_lo, u_hi = (
+            (2 / np.pi) * np.arctan(np.exp(-lam_hi)),
+            (2 / np.pi) * np.arctan(np.exp(-lam_lo)),
+        )
+        assert lam.min() >= lam_lo - 1e-4 and lam.max() <= lam_hi + 1e-4
+        for x in np.linspace(lam_lo + 0.5, lam_hi - 0.5, 7):
+            cdf = (u_hi - (2 / np.pi) * np.arctan(np.exp(-x))) / (u_hi - u_lo)
+            assert abs(np.mean(lam <= x) - cdf) < 0.005, (type(sch).__name__, x)
+    cos = schedules.vp_cosine(s=1e-9, t_start=0.99, t_end=0.01)  # s -> 0: alpha = cos(pi t / 2)
+    t = np.asarray(losses.sample_times(KEY, cos, 200_000, "cosine"), np.float64)
+    for q in (0.1, 0.5, 0.9):
+        assert abs(np.quantile(t, q) - (0.01 + q * 0.98)) < 0.005
+
+
 def test_label_dropout():
     labels = jnp.arange(10_000) % 3
     dropped = losses.drop_cond(KEY, labels, 0.3, null_cond=3)
@@ -214,7 +235,7 @@ def test_bad_arguments_name_the_argument():
     with pytest.raises(JaxdiffError, match="target"):
         call(target="noise")
     with pytest.raises(JaxdiffError, match="t_sampling"):
-        call(t_sampling="cosine")
+        call(t_sampling="laplace")
     with pytest.raises(JaxdiffError, match="t_min"):
         call(t_min=0.5, t_max=0.2)
     with pytest.raises(JaxdiffError, match="t_max"):

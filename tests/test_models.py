@@ -360,7 +360,7 @@ def test_edm_preconditioning_is_exact_for_gaussian_data_at_zero_output(x64, sche
     k = jax.random.PRNGKey(2)
     got = losses.dsm_loss_per_example(1.0, k, mi, sch, x0)
     k_t, k_eps, _ = jax.random.split(k, 3)
-    tt = losses.sample_times(k_t, sch, 5, dtype=x0.dtype)
+    tt = losses.sample_times(k_t, sch, 5, sch.default_t_sampling, dtype=x0.dtype)
     eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
     xt = sch.marginal(x0, eps, tt)
     ci, cs, co = (v[:, None] for v in mi.coefficients(tt))
