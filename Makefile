@@ -40,8 +40,8 @@ format: setup
 
 # The default test run: lint, unit + end-to-end tests (not the slow ones), notebooks, docs.
 test: setup lint
-	$(PY) -m pytest -q $(PYTEST_ARGS)
-	$(PY) -m pytest -q --nbmake --nbmake-timeout=600 -p no:cacheprovider -o addopts="" notebooks
+	$(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --nbmake --nbmake-timeout=600 -p no:cacheprovider -o addopts="" notebooks
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir $(VENV)/site
 
 test-slow: setup

@@ -187,10 +187,11 @@ def _cells(args, default_schedules):
 
 
 def _merge(args, name, rows, done_cells):
-    """Rows of earlier runs for other cells, plus this run's rows (written after every cell,
-    so a crash loses at most one cell)."""
+    """Rows of earlier runs for other cells and recipes, plus this run's rows (written after
+    every cell, so a crash loses at most one cell)."""
+    redone = {(r["problem"], r["schedule"], r["recipe"]) for r in rows}
     old = [r for r in args.previous.get(name, {}).get("rows", [])
-           if (r["problem"], r["schedule"]) not in done_cells]  # fmt: skip
+           if (r["problem"], r["schedule"], r["recipe"]) not in redone]  # fmt: skip
     out = {"rows": old + rows}
     args.save_partial(name, out)
     return out
@@ -208,6 +209,8 @@ def section_param(args) -> dict:
         _log(f"param {pname:7s} {sname:9s} exact: " + "  ".join(
             f"{k} {v['sw_ratio']:.2f}" for k, v in ev.items() if k != "floor"))  # fmt: skip
         for recipe in RECIPES:
+            if args.recipes and recipe not in args.recipes.split(","):
+                continue
             for seed in range(args.seeds):
                 t0 = time.perf_counter()
                 model, state, _ = _train(prob, sch, recipe, seed)
@@ -637,6 +640,7 @@ def plot(res: dict, path: str) -> None:
 TS_RECIPES = {  # times: the schedule's default (uniform in t; lognormal on edm) or log-SNR
     "edm sd=1": ("edm sd=1", {}),
     "edm sd=1 log_snr": ("edm sd=1", {"t_sampling": "log_snr"}),
+    "edm sd=1 cosine": ("edm sd=1", {"t_sampling": "cosine"}),
     "eps": ("eps", {}),
 }
 
@@ -655,6 +659,8 @@ def section_tsampling(args) -> dict:
         ev = _evaluate(prob, exact, dparams, sch, k_eval)
         rows.append({"problem": pname, "schedule": sname, "recipe": "exact", "seed": 0, **ev})
         for name, (recipe, kw) in TS_RECIPES.items():
+            if args.recipes and name not in args.recipes.split(","):
+                continue
             for seed in range(args.seeds):
                 t0 = time.perf_counter()
                 model, state, _ = _train(prob, sch, recipe, seed, **kw)
@@ -710,6 +716,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--problems", default="", help="param/tsampling: comma-separated subset")
     p.add_argument("--schedules", default="", help="param/tsampling: comma-separated subset")
+    p.add_argument("--recipes", default="", help="param/tsampling: comma-separated subset")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds = 1
