@@ -186,7 +186,7 @@ def _cells(args, default_schedules):
     return [(pn, probs[pn], sn) for pn in names for sn in scheds]
 
 
-def _merge(args, name, rows, done_cells):
+def _merge(args, name, rows):
     """Rows of earlier runs for other cells and recipes, plus this run's rows (written after
     every cell, so a crash loses at most one cell)."""
     redone = {(r["problem"], r["schedule"], r["recipe"]) for r in rows}
@@ -198,9 +198,8 @@ def _merge(args, name, rows, done_cells):
 
 
 def section_param(args) -> dict:
-    rows, done = [], set()
+    rows = []
     for pname, prob, sname in _cells(args, PARAM_SCHEDULES):
-        done.add((pname, sname))
         sch = SCHEDULES[sname]()
         k_eval = jax.random.PRNGKey(7)
         exact, dparams = analytic.as_denoiser(prob["dist"], sch)
@@ -222,9 +221,9 @@ def section_param(args) -> dict:
                     + (f"  cov {ev['ddim20'].get('cov_ratio', 0):.2f}" if "cov_ratio" in ev["ddim20"] else "")
                     + f" ({time.perf_counter() - t0:.0f} s)"
                 )  # fmt: skip
-        _merge(args, "param", rows, done)
+        _merge(args, "param", rows)
         jax.clear_caches()  # a long run otherwise accumulates compiled programs
-    return _merge(args, "param", rows, done)
+    return _merge(args, "param", rows)
 
 
 def _summ(rows, keyfn, metric):
@@ -637,8 +636,9 @@ def plot(res: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-TS_RECIPES = {  # times: the schedule's default (uniform in t; lognormal on edm) or log-SNR
-    "edm sd=1": ("edm sd=1", {}),
+TS_RECIPES = {  # training times of the default parametrization (and eps at the default times)
+    "edm sd=1 uniform": ("edm sd=1", {"t_sampling": "uniform"}),
+    "edm sd=1 lognormal": ("edm sd=1", {"t_sampling": "lognormal"}),
     "edm sd=1 log_snr": ("edm sd=1", {"t_sampling": "log_snr"}),
     "edm sd=1 cosine": ("edm sd=1", {"t_sampling": "cosine"}),
     "eps": ("eps", {}),
@@ -646,13 +646,12 @@ TS_RECIPES = {  # times: the schedule's default (uniform in t; lognormal on edm)
 
 
 def section_tsampling(args) -> dict:
-    """The training-time distribution: the schedule's default (uniform in t; EDM's lognormal on
-    the edm schedule) vs uniform in log-SNR, for the default parametrization (and eps, with
-    its default times), with the off-mode metric; also the "after" of the edm schedule's new
-    defaults (Karras sampling grid, lognormal training times)."""
-    rows, done = [], set()
+    """The training-time distribution of the default parametrization: uniform in t, EDM's
+    lognormal, uniform in log-SNR and the cosine schedule's log-SNR (the default on every
+    schedule but edm, which defaults to lognormal), and eps at the default times; SW2, the
+    off-mode metric and the Gaussian's covariance error."""
+    rows = []
     for pname, prob, sname in _cells(args, ("vp_linear", "vp_cosine", "ve", "flow", "edm")):
-        done.add((pname, sname))
         sch = SCHEDULES[sname]()
         k_eval = jax.random.PRNGKey(7)
         exact, dparams = analytic.as_denoiser(prob["dist"], sch)
@@ -670,9 +669,9 @@ def section_tsampling(args) -> dict:
                     f"{k} {v['sw_ratio']:.2f} off {v.get('off_mode', float('nan')):.3f}"
                     for k, v in ev.items() if k != "floor")
                     + f" ({time.perf_counter() - t0:.0f} s)")  # fmt: skip
-        _merge(args, "tsampling", rows, done)
+        _merge(args, "tsampling", rows)
         jax.clear_caches()
-    return _merge(args, "tsampling", rows, done)
+    return _merge(args, "tsampling", rows)
 
 
 def report_tsampling(res) -> None:
