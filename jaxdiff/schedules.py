@@ -81,6 +81,9 @@ class Schedule(struct.PyTreeNode):
     #: cosine schedule's noise levels (``"cosine"``: the same distribution of log-SNR whatever
     #: the time variable); EDM's lognormal on the EDM schedule. Measured in docs/defaults.md.
     default_t_sampling: ClassVar[str] = "cosine"
+    #: ``sigma(t_min) = 0`` (False for VE, whose noise never falls below ``sigma_min``): where
+    #: :func:`jaxdiff.sample`'s ``endpoint="zero"`` can step onto ``t_min``
+    reaches_zero_noise: ClassVar[bool] = True
 
     # ---- to override -------------------------------------------------------------------
     def log_alpha(self, t):
@@ -335,6 +338,7 @@ class VE(Schedule):
     t_start: Any = 1.0
     t_end: Any = 1e-5
     is_ve: ClassVar[bool] = True
+    reaches_zero_noise: ClassVar[bool] = False
 
     def log_alpha(self, t):
         return jnp.zeros_like(as_float_array(t))

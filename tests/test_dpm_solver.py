@@ -138,9 +138,10 @@ DETERMINISTIC = {
     "pp2S": dpm_solver_pp(2, "singlestep"),
     "pp2S_taylor": dpm_solver_pp(2, "singlestep", "taylor"),
     "pp3S": dpm_solver_pp(3, "singlestep"),
-    "pp2M": dpm_solver_pp(2),
-    "pp2M_taylor": dpm_solver_pp(2, solver_type="taylor"),
-    "pp3M": dpm_solver_pp(3),  # third_order_coef is a leaf: c=1 reuses the compilation
+    # the methods themselves (samplers.md 7.2's values): no lower-order final steps
+    "pp2M": dpm_solver_pp(2, lower_order_final=False),
+    "pp2M_taylor": dpm_solver_pp(2, solver_type="taylor", lower_order_final=False),
+    "pp3M": dpm_solver_pp(3, lower_order_final=False),  # c=1 (a leaf) reuses the compilation
 }
 
 
@@ -159,7 +160,9 @@ def test_exact_on_point_mass(x64, name):
     x_T = jnp.array([[-1.3], [0.4]])
     cases = [(DETERMINISTIC[name], schedules.vp_linear())]
     if name == "pp3M":
-        cases.append((dpm_solver_pp(3, third_order_coef=1.0), schedules.vp_linear()))
+        cases.append(
+            (dpm_solver_pp(3, third_order_coef=1.0, lower_order_final=False), schedules.vp_linear())
+        )
     if name in ("dpm3", "pp3S", "pp3M"):
         cases.append((DETERMINISTIC[name], schedules.ve()))
     for s, sch in cases:
@@ -268,9 +271,12 @@ def test_order_plan(x64):
         return list(np.asarray(info.steps["order"]))
 
     # lower_order_final is static: three compilations of one structure each
-    assert plan(dpm_solver_pp(3), 5) == [1, 2, 3, 3, 3]
+    assert plan(dpm_solver_pp(3), 5) == [1, 2, 3, 2, 1]  # default lower_order_final=True
+    assert plan(dpm_solver_pp(3, lower_order_final=False), 5) == [1, 2, 3, 3, 3]
     assert plan(dpm_solver_pp(3, lower_order_final=True), 5) == [1, 2, 3, 2, 1]
-    assert plan(dpm_solver_pp(3, lower_order_final=True), 12) == [1, 2] + [3] * 10
+    assert plan(dpm_solver_pp(3, lower_order_final="auto"), 12) == [1, 2] + [3] * 10
+    assert plan(dpm_solver_pp(3, lower_order_final="auto"), 5) == [1, 2, 3, 2, 1]
+    assert plan(dpm_solver_pp(3, lower_order_final=True), 12) == [1, 2] + [3] * 8 + [2, 1]
     assert plan(dpm_solver_pp(3, lower_order_final="always"), 12) == [1, 2] + [3] * 8 + [2, 1]
     # min_steps = 1: one step is accepted, zero steps are rejected
     assert dpm_solver_pp(3).min_steps == 1
@@ -315,8 +321,6 @@ def test_bad_input():
         sde_dpm_solver_pp(2, solver_type="taylor")
     with pytest.raises(JaxdiffError, match="lower_order_final='sometimes'"):
         dpm_solver_pp(3, lower_order_final="sometimes")
-    with pytest.raises(JaxdiffError, match="lower_order_final"):
-        dpm_solver_pp(3, "singlestep", lower_order_final=True)
     with pytest.raises(JaxdiffError, match="r1=1.5"):
         dpm_solver(2, r1=1.5)
     with pytest.raises(JaxdiffError, match="r2=0.2"):

@@ -111,11 +111,11 @@ N_ID = 9
         ("unip1_ddim", unipc(1, corrector=False), "ddim", None),
         ("unip1_bh1_ddim", unipc(1, "bh1", corrector=False), "ddim", None),
         ("deis1_ddim", deis(1), "ddim", None),
-        ("unip2_bh2_2m", unipc(2, corrector=False), "2m", [1] + [2] * (N_ID - 1)),
+        ("unip2_bh2_2m", unipc(2, corrector=False, lower_order_final=False), "2m", [1] + [2] * (N_ID - 1)),
         ("unip2_bh2_2m_lof", unipc(2, corrector=False, lower_order_final=True), "2m",
          [1] + [2] * (N_ID - 2) + [1]),
-        ("deis2_taylor", deis(2), "noise", [1] + [2] * (N_ID - 1)),
-        ("deis3_3m_c2", deis(3), "noise", [1, 2] + [3] * (N_ID - 2)),
+        ("deis2_taylor", deis(2, lower_order_final=False), "noise", [1] + [2] * (N_ID - 1)),
+        ("deis3_3m_c2", deis(3, lower_order_final=False), "noise", [1, 2] + [3] * (N_ID - 2)),
         ("deis3_lof", deis(3, lower_order_final=True), "noise", [1, 2] + [3] * (N_ID - 4) + [2, 1]),
     ],
 )  # fmt: skip
@@ -211,7 +211,7 @@ def test_unipc_bh2_p2_regression_values(x64):
     model, params = analytic.as_denoiser(dist, sch, parametrization="eps")
     x = jnp.array([[0.0], [1.0]])
     for n, want in [(10, 2.404271e-2), (20, 4.447643e-3), (40, 6.095696e-4)]:
-        y = _run(unipc(2, "bh2"), model, sch, params, x, _grid(sch, n))
+        y = _run(unipc(2, "bh2", lower_order_final=False), model, sch, params, x, _grid(sch, n))
         np.testing.assert_allclose(float(y[1, 0] - y[0, 0]) - A_STAR, want, rtol=1e-5)
 
 

@@ -36,7 +36,40 @@ __all__ = [
     "solve",
     "per_example_normal",
     "example_index_offset",
+    "zero_noise_guard",
+    "LOWER_ORDER_FINAL",
+    "LOWER_ORDER_FINAL_BELOW",
+    "check_lower_order_final",
+    "lower_order_cap",
 ]
+
+#: values of the multistep samplers' ``lower_order_final`` (``"always"`` is an alias of True)
+LOWER_ORDER_FINAL = (False, True, "auto")
+#: ``lower_order_final="auto"`` lowers the final orders on grids shorter than this (the rule of
+#: the DPM-Solver++ reference code, arXiv 2211.01095)
+LOWER_ORDER_FINAL_BELOW = 10
+
+
+def check_lower_order_final(value):
+    """Validate ``lower_order_final``; returns it with ``"always"`` mapped to ``True``."""
+    if isinstance(value, str) and value == "always":
+        return True
+    if not any(value is v or (isinstance(v, str) and value == v) for v in LOWER_ORDER_FINAL):
+        from jaxdiff._checks import fail
+
+        fail("lower_order_final", value, "False, True or 'auto'")
+    return value
+
+
+def lower_order_cap(n: int, lower_order_final) -> int:
+    """The static ``cap`` of the lower-order-final rule on a grid of ``n`` steps: step ``k``
+    uses order ``<= max(cap - k, 1)``, so with ``cap = n`` the last step is first order and the
+    one before it at most second order. ``True``: every ``n``; ``"auto"``: ``n <
+    LOWER_ORDER_FINAL_BELOW``; ``False``: never (a huge cap)."""
+    lof = check_lower_order_final(lower_order_final)
+    if lof is True or (lof == "auto" and n < LOWER_ORDER_FINAL_BELOW):
+        return n
+    return 2**30
 
 
 class Kernel(NamedTuple):
@@ -79,6 +112,11 @@ class Sampler(struct.PyTreeNode):
     @property
     def name(self) -> str:
         return type(self).__name__
+
+    def total_nfe(self, steps: int) -> int:
+        """Model evaluations of a solve over ``steps`` grid steps (``steps * nfe_per_step``
+        unless a method's last step is cheaper, e.g. EDM Heun's final Euler step)."""
+        return steps * self.nfe_per_step
 
     def kernel(self, model: Denoiser, schedule: Schedule) -> Kernel:
         raise NotImplementedError
@@ -124,6 +162,22 @@ def per_example_normal(key, x):
     return jax.vmap(draw)(idx)
 
 
+def zero_noise_guard(schedule, s, t):
+    """``(zero, t_safe)`` for a step ``s -> t`` that may end where ``sigma(t) = 0``.
+
+    At ``sigma_t = 0`` (``lambda_t = inf``) the exponential-integrator steps have the limit
+    ``h -> inf`` of their data-prediction form, ``x_t = alpha_t x0_hat(x_s, s)`` (the first-order
+    step to sigma = 0; higher-order terms vanish or divide by ``h``). A kernel computes its
+    normal update at the finite stand-in ``t_safe = t(lambda_s + 1)`` (so no branch holds NaN/inf,
+    also under ``grad``) and returns ``jnp.where(zero, alpha_t * x0_hat, x_next)``.
+    Scalars in, scalars out (``zero`` a bool array).
+    """
+    _, sig_t = schedule.alpha_sigma(t)
+    zero = sig_t <= 0
+    t_safe = jnp.where(zero, schedule.t_from_lam(schedule.lam(s) + 1.0), t)
+    return zero, jnp.asarray(t_safe, jnp.result_type(t))
+
+
 def _all_finite(x):
     return jnp.all(jnp.isfinite(x))
 
@@ -151,7 +205,7 @@ def scan_solve(key, sampler: Sampler, model, params, schedule, x_T, ts, cond=Non
         return (state, bad), info
 
     (state, bad), infos = jax.lax.scan(body, (state, jnp.asarray(-1)), jnp.arange(n), unroll=unroll)
-    nfe = jnp.asarray(n * sampler.nfe_per_step)
+    nfe = jnp.asarray(sampler.total_nfe(n))
     return kernel.output(state), SampleInfo(nfe, bad, infos)
 
 

@@ -25,11 +25,19 @@ cancellation. rho-AB-DEIS-p has global order ``p``; it equals the noise-form DPM
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax.numpy as jnp
 from flax import struct
 
 from jaxdiff._checks import fail
-from jaxdiff.samplers.base import Kernel, Sampler
+from jaxdiff.samplers.base import (
+    Kernel,
+    Sampler,
+    check_lower_order_final,
+    lower_order_cap,
+    zero_noise_guard,
+)
 
 __all__ = ["DEIS", "deis"]
 
@@ -75,16 +83,17 @@ class DEIS(Sampler):
 
     ``x_t = (alpha_t/alpha_s) x_s + alpha_t sum_{j<p} c_j eps_hat_j`` with the exact
     ``log rho``-Lagrange integrals ``c_j`` (module docstring). Step ``k`` uses order
-    ``p = min(order, k + 1)`` (warm-up by lower orders; with ``lower_order_final`` also
-    ``<= N - k``). Global order ``order``; one model evaluation per step; order 1 is DDIM.
+    ``p = min(order, k + 1)`` (warm-up by lower orders; with ``lower_order_final=True`` also
+    ``<= N - k``, with ``"auto"`` that when ``N < 10``: the meaning DPM-Solver++ and UniPC use). Global order ``order``; one model evaluation per step; order 1 is DDIM.
     """
 
     order: int = struct.field(pytree_node=False, default=3)
-    lower_order_final: bool = struct.field(pytree_node=False, default=False)
-    default_grid = "log_snr"
+    lower_order_final: Any = struct.field(pytree_node=False, default=True)
+    default_grid = "auto"  # per budget and schedule: jaxdiff.samplers.grids.budget_grid
 
     def kernel(self, model, schedule):
         _validate(self.order)
+        lof = check_lower_order_final(self.lower_order_final)
         order = self.order
 
         def init(x, params, cond, ts):
@@ -96,13 +105,15 @@ class DEIS(Sampler):
                 "e_hist": jnp.zeros((max(order - 1, 1), *x.shape), x.dtype),
                 "lam_hist": lam0 - 1.0 - jnp.arange(max(order - 1, 1), dtype=lam0.dtype),
                 "k": jnp.zeros((), jnp.int32),
-                "n": jnp.asarray(ts.shape[0] - 1, jnp.int32),
+                "cap": jnp.asarray(lower_order_cap(ts.shape[0] - 1, lof), jnp.int32),
             }
 
         def step(key, state, s, t, params, cond):
             x, k = state["x"], state["k"]
             tdt = jnp.result_type(s)
-            _, eps = model.x0_eps(params, x, s, cond, schedule)  # the one model evaluation
+            x0_s, eps = model.x0_eps(params, x, s, cond, schedule)  # the one model evaluation
+            a_end = schedule.alpha(t)
+            zero, t = zero_noise_guard(schedule, s, t)
             lam_s = schedule.lam(s).astype(tdt)
             lam_t = schedule.lam(t).astype(tdt)
             a_s, sig_s = schedule.alpha_sigma(s)
@@ -120,14 +131,14 @@ class DEIS(Sampler):
                 nodes = jnp.concatenate([jnp.zeros((1,), tdt), u])
                 u_t = lam_s - lam_t
                 p = jnp.minimum(order, k + 1)
-                if self.lower_order_final:
-                    p = jnp.maximum(jnp.minimum(p, state["n"] - k), 1)
+                p = jnp.maximum(jnp.minimum(p, state["cap"] - k), 1)  # lower_order_final
                 cs = jnp.stack([_coefficients(q, order, nodes, u_t) for q in range(1, order + 1)])
                 c = cs[p - 1]
                 es = jnp.concatenate([eps[None], state["e_hist"][: order - 1]])
             # alpha_t * rho_0 * (c_j / rho_0), rho_0 = sigma_s / alpha_s
             coef = (a_t * sig_s / a_s) * c
             x_new = x_new + jnp.tensordot(coef.astype(x.dtype), es, axes=1)
+            x_new = jnp.where(zero, a_end * x0_s, x_new)  # the h -> inf limit at sigma_t = 0
             if order == 1:
                 e_hist, new_lam = state["e_hist"], state["lam_hist"]
             else:
@@ -138,7 +149,7 @@ class DEIS(Sampler):
                 "e_hist": e_hist.astype(x.dtype),
                 "lam_hist": new_lam,
                 "k": k + 1,
-                "n": state["n"],
+                "cap": state["cap"],
             }
             return new, {}
 
@@ -150,7 +161,7 @@ def _validate(order):
         fail("order", order, "1, 2 or 3")
 
 
-def deis(order: int = 3, lower_order_final: bool = False) -> DEIS:
+def deis(order: int = 3, lower_order_final=True) -> DEIS:
     """rho-AB-DEIS sampler (Zhang & Chen, arXiv 2204.13902) of order 1, 2 or 3.
 
     ``x_t / alpha_t = x_s / alpha_s + sum_j c_j eps_hat_j``, ``c_j`` the exact integrals over
@@ -158,4 +169,4 @@ def deis(order: int = 3, lower_order_final: bool = False) -> DEIS:
     lower orders; global order ``order``; ``deis(1)`` is DDIM. See :class:`DEIS`.
     """
     _validate(order)
-    return DEIS(order=int(order), lower_order_final=bool(lower_order_final))
+    return DEIS(order=int(order), lower_order_final=check_lower_order_final(lower_order_final))

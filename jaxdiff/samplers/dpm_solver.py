@@ -21,11 +21,19 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import struct
 
 from jaxdiff._checks import fail, is_concrete
-from jaxdiff.samplers.base import Kernel, Sampler, per_example_normal
+from jaxdiff.samplers.base import (
+    Kernel,
+    Sampler,
+    check_lower_order_final,
+    lower_order_cap,
+    per_example_normal,
+    zero_noise_guard,
+)
 
 __all__ = [
     "DPMSolver",
@@ -40,9 +48,6 @@ _ORDERS = (1, 2, 3)
 _VARIANTS = ("multistep", "singlestep")
 _PP_SOLVER_TYPES = ("midpoint", "taylor", "heun")
 _SDE_SOLVER_TYPES = ("midpoint", "heun")
-_LOF = (False, True, "always")
-#: lower_order_final=True lowers the final orders only on grids shorter than this (original code)
-LOWER_ORDER_FINAL_BELOW = 10
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,8 +76,7 @@ def _check_r(r1, r2, order) -> None:
 
 
 def _check_lof(value) -> None:
-    if not any(value is v or (isinstance(v, str) and value == v) for v in _LOF):
-        fail("lower_order_final", value, "False, True or 'always'")
+    check_lower_order_final(value)
 
 
 class _Times:
@@ -96,6 +100,10 @@ class _Times:
         return m, a_m, sig_m, a_m / self.a_s, sig_m / self.sig_s
 
 
+#: steps with a larger log-SNR step ``h`` take DPM-Solver's data-prediction form (see DPMSolver)
+MAX_NOISE_FORM_H = 6.0
+
+
 # ----------------------------------------------------------------------------------------------
 # DPM-Solver (noise prediction, singlestep)
 # ----------------------------------------------------------------------------------------------
@@ -116,7 +124,15 @@ class DPMSolver(Sampler):
       - (sigma_t/r2) ((e^h - 1)/h - 1) (E(u2, m2) - E_s)``; global order 3.
 
     ``r1``, ``r2`` are pytree leaves; ``order`` is static. Intermediate times come from
-    ``schedule.t_from_lam``. samplers.md 3.1.
+    ``schedule.t_from_lam``.
+
+    Large steps: the noise form multiplies the stage differences ``E(u, m) - E_s`` by
+    ``sigma_t e^h``, which for a step from ``sigma_max`` explodes (one DPM-Solver-2 step on the
+    DDPM discrete schedule, ``h = 9.7``: endpoint error 287x DDIM-2's on a 64-D mixture). A step
+    with ``h > MAX_NOISE_FORM_H = 6`` (``e^h > 400``) is taken in the data-prediction form of
+    the same order (DPM-Solver++ 2S/3S, arXiv 2211.01095 eq. 9 and App. B, bounded as ``h ->
+    inf``) instead: that single step is then 1.2x DDIM-2. Below NFE ~10 the noise form stays
+    2-13x worse than DDIM on that problem (docs/few_step.md): use :func:`dpm_solver_pp` there.
     """
 
     r1: Any = 0.5
@@ -134,13 +150,31 @@ class DPMSolver(Sampler):
         _check_r(self.r1, self.r2, self.order)
         order = self.order
 
+        data_step = DPMSolverPP(r1=self.r1, r2=self.r2, order=order, variant="singlestep")
+        data_step = data_step._singlestep_kernel(model, schedule).step
+
         def init(x, params, cond, ts):
             return x
 
         def step(key, x, s, t, params, cond):
+            if order == 1:
+                return noise_step(x, s, t, params, cond), {}
+            # a step with e^h > e^MAX_NOISE_FORM_H multiplies the stage differences by e^h in
+            # the noise form; take the data-prediction form of the same order there
+            h = schedule.lam(t) - schedule.lam(s)
+            x_next = jax.lax.cond(
+                h > MAX_NOISE_FORM_H,
+                lambda: data_step(key, x, s, t, params, cond)[0],
+                lambda: noise_step(x, s, t, params, cond),
+            )
+            return x_next, {}
+
+        def noise_step(x, s, t, params, cond):
+            a_end = schedule.alpha(t)
+            zero, t = zero_noise_guard(schedule, s, t)
             c = _Times(schedule, s, t)
             h = c.h
-            _, e_s = model.x0_eps(params, x, s, cond, schedule)
+            x0_s, e_s = model.x0_eps(params, x, s, cond, schedule)
             phi1 = jnp.expm1(h)
             base = c.alpha_ratio * x - c.sig_t * phi1 * e_s
             if order == 1:
@@ -165,7 +199,8 @@ class DPMSolver(Sampler):
                 ).astype(x.dtype)
                 _, e_2 = model.x0_eps(params, u2, m2, cond, schedule)
                 x_next = base - (c.sig_t / r2) * (phi1 / h - 1.0) * (e_2 - e_s)
-            return x_next.astype(x.dtype), {}
+            x_next = jnp.where(zero, a_end * x0_s, x_next)
+            return x_next.astype(x.dtype)
 
         return Kernel(init, step, lambda x: x)
 
@@ -191,9 +226,7 @@ def dpm_solver(order: int = 2, r1=None, r2=None) -> DPMSolver:
 # ----------------------------------------------------------------------------------------------
 def _plan_cap(n: int, lower_order_final) -> int:
     """Static step count used by the lower-order-final rule (a huge number disables it)."""
-    if lower_order_final == "always" or (lower_order_final is True and n < LOWER_ORDER_FINAL_BELOW):
-        return n
-    return 2**30
+    return lower_order_cap(n, lower_order_final)
 
 
 def _multistep_init(x, ts, lower_order_final):
@@ -256,9 +289,10 @@ class DPMSolverPP(Sampler):
         ``lambda`` and is truly 3rd order; ``c = 1`` is the value of the reference code,
         diffusers and k-diffusion and converges with order 2 (samplers.md 3.2 "(!!)", 7.2).
       - warm-up: step ``k`` (0-based) uses order ``min(order, k + 1)``.
-      - ``lower_order_final``: ``True`` applies the original code's rule
-        ``order_k = min(order, steps - k)`` when ``steps < 10`` (so 3M ends with orders 2, 1);
-        ``"always"`` applies it for every step count; ``False`` (default) never.
+      - ``lower_order_final`` (the same meaning for UniPC and DEIS): ``True`` (alias
+        ``"always"``) applies ``order_k = min(order, steps - k)`` for every step count (so 3M
+        ends with orders 2, 1); ``"auto"`` applies it when ``steps < 10`` (the DPM-Solver++
+        reference code's rule); ``False`` never.
 
     * ``variant="singlestep"`` (``order`` NFE per step, stages at ``m_i = t(lambda_s + r_i h)``):
 
@@ -279,9 +313,14 @@ class DPMSolverPP(Sampler):
     order: int = struct.field(pytree_node=False, default=2)
     variant: str = struct.field(pytree_node=False, default="multistep")
     solver_type: str = struct.field(pytree_node=False, default="midpoint")
-    lower_order_final: Any = struct.field(pytree_node=False, default=False)
-    default_grid = "log_snr"
+    lower_order_final: Any = struct.field(pytree_node=False, default=True)
     min_steps = 1
+
+    @property
+    def default_grid(self):
+        """Multistep: ``"auto"`` (per budget and schedule, :func:`~jaxdiff.samplers.grids.
+        budget_grid`); singlestep: ``"log_snr"``."""
+        return "log_snr" if self.variant == "singlestep" or self.order == 1 else "auto"
 
     @property
     def nfe_per_step(self):
@@ -294,12 +333,6 @@ class DPMSolverPP(Sampler):
         _check_lof(self.lower_order_final)
         if self.variant == "singlestep":
             _check_r(self.r1, self.r2, self.order)
-            if self.lower_order_final is not False:
-                fail(
-                    "lower_order_final",
-                    self.lower_order_final,
-                    "False with variant='singlestep' (the plan applies to multistep only)",
-                )
 
     def kernel(self, model, schedule):
         self._validate()
@@ -316,6 +349,8 @@ class DPMSolverPP(Sampler):
             return x
 
         def step(key, x, s, t, params, cond):
+            a_end = schedule.alpha(t)
+            zero, t = zero_noise_guard(schedule, s, t)
             c = _Times(schedule, s, t)
             h = c.h
             d_s, _ = model.x0_eps(params, x, s, cond, schedule)
@@ -346,6 +381,7 @@ class DPMSolverPP(Sampler):
                 ).astype(x.dtype)
                 d_2, _ = model.x0_eps(params, u2, m2, cond, schedule)
                 x_next = base + (c.a_t / r2) * phi2 * (d_2 - d_s)
+            x_next = jnp.where(zero, a_end * d_s, x_next)
             return x_next.astype(x.dtype), {}
 
         return Kernel(init, step, lambda x: x)
@@ -361,6 +397,8 @@ class DPMSolverPP(Sampler):
 
         def step(key, state, s, t, params, cond):
             x = state["x"]
+            a_end = schedule.alpha(t)
+            zero, t = zero_noise_guard(schedule, s, t)
             c = _Times(schedule, s, t)
             h = c.h
             k = state["k"]
@@ -385,7 +423,7 @@ class DPMSolverPP(Sampler):
                 phi3 = (jnp.expm1(-h) + h) / h**2 - 0.5
                 x3 = base + c.a_t * phi2 * d1_3 - self.third_order_coef * c.a_t * phi3 * d2_3
                 x_next = jnp.where(k_ord >= 3, x3, x_next)
-            x_next = x_next.astype(x.dtype)
+            x_next = jnp.where(zero, a_end * m0, x_next).astype(x.dtype)
             return _history_update(state, x_next, c.lam_s, m0), {"order": k_ord}
 
         return Kernel(init, step, lambda st: st["x"])
@@ -396,7 +434,7 @@ def dpm_solver_pp(
     variant: str = "multistep",
     solver_type: str = "midpoint",
     third_order_coef=2.0,
-    lower_order_final=False,
+    lower_order_final=True,
     r1=None,
     r2=None,
 ) -> DPMSolverPP:
@@ -411,9 +449,10 @@ def dpm_solver_pp(
         correction (2M/2S; 3M and 3S have one form).
       third_order_coef: coefficient ``c`` of the 3M second difference (a leaf). 2.0 = exact
         Lagrange integral (order 3); 1.0 = reference code / diffusers / k-diffusion (order 2).
-      lower_order_final: ``False``; ``True`` = original code's rule, the last steps use
-        ``min(order, steps - k)`` when ``steps < 10``; ``"always"`` = that rule for any number
-        of steps. Multistep only.
+      lower_order_final: ``True`` (alias ``"always"``): step ``k`` of ``steps`` uses order
+        ``<= steps - k`` (the last step first order); ``"auto"``: that rule when ``steps < 10``
+        (the reference code's); ``False``: never. Multistep only; one meaning across
+        DPM-Solver++, UniPC and DEIS. Singlestep steps are self-contained and ignore it.
       r1, r2: singlestep stage positions (fractions of ``h`` in lambda); defaults 1/2 (2S) and
         1/3, 2/3 (3S).
     """
@@ -476,6 +515,8 @@ class SDEDPMSolverPP(Sampler):
 
         def step(key, state, s, t, params, cond):
             x = state["x"]
+            a_end = schedule.alpha(t)
+            zero, t = zero_noise_guard(schedule, s, t)
             c = _Times(schedule, s, t)
             h = c.h
             k = state["k"]
@@ -491,7 +532,8 @@ class SDEDPMSolverPP(Sampler):
                     corr = c.a_t * (1.0 - one_m / h_eta) * d1
                 x_next = jnp.where(k >= 1, x_next + corr, x_next)
             std = c.sig_t * jnp.sqrt(-jnp.expm1(-2.0 * eta * h))
-            x_next = (x_next + std * per_example_normal(key, x)).astype(x.dtype)
+            x_next = x_next + std * per_example_normal(key, x)
+            x_next = jnp.where(zero, a_end * m0, x_next).astype(x.dtype)
             return _history_update(state, x_next, c.lam_s, m0), {}
 
         return Kernel(init, step, lambda st: st["x"])

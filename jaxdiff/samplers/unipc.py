@@ -24,12 +24,19 @@ last step is not corrected. UniP-p is order ``p``; UniPC-p (with UniC) is order 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax.numpy as jnp
 from flax import struct
 
 from jaxdiff._checks import fail
-from jaxdiff.samplers.base import Kernel, Sampler
+from jaxdiff.samplers.base import (
+    Kernel,
+    Sampler,
+    check_lower_order_final,
+    lower_order_cap,
+    zero_noise_guard,
+)
 
 __all__ = ["UniPC", "unipc"]
 
@@ -87,8 +94,9 @@ class UniPC(Sampler):
     """UniPC (arXiv 2302.04867): UniP-``order`` predictor + UniC corrector, multistep.
 
     Static options: ``order`` (1, 2 or 3), ``solver_type`` ("bh1" or "bh2"), ``predict_x0``
-    (data- or noise-prediction mode), ``corrector`` (apply UniC), ``lower_order_final`` (step
-    ``k`` of ``N`` uses order ``min(order, k + 1, N - k)``). Order ``p`` at step ``k`` is
+    (data- or noise-prediction mode), ``corrector`` (apply UniC), ``lower_order_final`` (``True``:
+    step ``k`` of ``N`` uses order ``min(order, k + 1, N - k)``; ``"auto"``: that when ``N < 10``;
+    ``False``: never; the same meaning as DPM-Solver++'s and DEIS'). Order ``p`` at step ``k`` is
     ``min(order, k + 1)`` (warm-up); the corrector of a step reuses that step's order. Global
     order: ``order`` without the corrector, ``order + 1`` with it. One model evaluation per step.
     See the module docstring for the update equations.
@@ -98,17 +106,18 @@ class UniPC(Sampler):
     solver_type: str = struct.field(pytree_node=False, default="bh2")
     predict_x0: bool = struct.field(pytree_node=False, default=True)
     corrector: bool = struct.field(pytree_node=False, default=True)
-    lower_order_final: bool = struct.field(pytree_node=False, default=False)
-    default_grid = "log_snr"
+    lower_order_final: Any = struct.field(pytree_node=False, default=True)
+    default_grid = "auto"  # per budget and schedule: jaxdiff.samplers.grids.budget_grid
 
     def kernel(self, model, schedule):
         _validate(self.order, self.solver_type)
+        lof = check_lower_order_final(self.lower_order_final)
         order = self.order
         data = self.predict_x0
 
         def predict(params, x, t, cond):
             x0, eps = model.x0_eps(params, x, t, cond, schedule)
-            return x0 if data else eps
+            return (x0 if data else eps), x0
 
         def init(x, params, cond, ts):
             ts = jnp.asarray(ts)
@@ -123,7 +132,7 @@ class UniPC(Sampler):
                 "lam_hist": lam0 - 1.0 - jnp.arange(order, dtype=lam0.dtype),
                 "k": jnp.zeros((), jnp.int32),
                 "p_prev": jnp.ones((), jnp.int32),
-                "n": jnp.asarray(ts.shape[0] - 1, jnp.int32),
+                "cap": jnp.asarray(lower_order_cap(ts.shape[0] - 1, lof), jnp.int32),
             }
 
         def update(x, lam_hist, m_hist, n_valid, s, t, p, m_new):
@@ -169,7 +178,9 @@ class UniPC(Sampler):
             tdt = jnp.result_type(s)
             lam_hist = state["lam_hist"].astype(tdt)
             lam_s = schedule.lam(s).astype(tdt)
-            m_s = predict(params, x, s, cond)  # the one model evaluation of this step
+            m_s, x0_s = predict(params, x, s, cond)  # the one model evaluation of this step
+            a_end = schedule.alpha(t)
+            zero, t = zero_noise_guard(schedule, s, t)
             if self.corrector:
                 # correct the previous step (s_prev -> s) with the evaluation at its prediction
                 x_c = update(
@@ -186,10 +197,10 @@ class UniPC(Sampler):
             m_hist = jnp.concatenate([m_s[None], state["m_hist"][:-1]])
             lam_hist = jnp.concatenate([lam_s[None], lam_hist[:-1]])
             p = jnp.minimum(order, k + 1)
-            if self.lower_order_final:
-                p = jnp.minimum(p, state["n"] - k)
+            p = jnp.minimum(p, state["cap"] - k)  # lower_order_final
             p = jnp.maximum(p, 1).astype(jnp.int32)
             x_t = update(x, lam_hist, m_hist, k, s, t, p, None)
+            x_t = jnp.where(zero, a_end * x0_s, x_t)  # the h -> inf limit at sigma_t = 0
             new = {
                 "x": x_t.astype(x.dtype),
                 "x_prev": x,
@@ -198,7 +209,7 @@ class UniPC(Sampler):
                 "lam_hist": lam_hist,
                 "k": k + 1,
                 "p_prev": p,
-                "n": state["n"],
+                "cap": state["cap"],
             }
             return new, {}
 
@@ -217,7 +228,7 @@ def unipc(
     solver_type: str = "bh2",
     predict_x0: bool = True,
     corrector: bool = True,
-    lower_order_final: bool = False,
+    lower_order_final=True,
 ) -> UniPC:
     """UniPC sampler (Zhao et al., arXiv 2302.04867): UniP-``order`` predictor + UniC corrector.
 
@@ -232,5 +243,5 @@ def unipc(
         solver_type=solver_type,
         predict_x0=bool(predict_x0),
         corrector=bool(corrector),
-        lower_order_final=bool(lower_order_final),
+        lower_order_final=check_lower_order_final(lower_order_final),
     )
