@@ -64,7 +64,7 @@ def _run(key, model, params, schedule, x_T, ts, sampler, cond, final_denoise, un
     if to_zero:
         t_min = jnp.full((1,), schedule.t_min, x_T.dtype)
         if grid[0] == 0:
-            ts = jnp.stack([ts[0], ts[1]]).astype(x_T.dtype)[:1]
+            ts = jnp.asarray(ts[0], x_T.dtype)[None]  # no sampler step: [t_start] (+ t_min)
             grid = None
     if grid is not None:
         ts = GridSpec(grid[0], grid[1], ts[0], ts[1]).build(schedule, x_T.dtype)
@@ -199,9 +199,7 @@ def sample(
                 f"({sampler.min_steps} sampler steps + the step to sigma = 0)",
             )
     if not sampler.uses_grid and ts is None and run_steps != 0:
-        run_steps = (
-            1  # an adaptive solve uses only the grid's ends: the step count is not compiled in
-        )
+        run_steps = 1  # an adaptive solve uses only the grid's ends: steps is not compiled in
     ts = resolve_grid(
         schedule, sampler.min_steps, sampler.default_grid, max(run_steps, 1) if to_zero else run_steps,
         ts, grid, t_start, t_end, dtype=t_dtype, deferred=True,
