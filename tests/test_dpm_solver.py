@@ -192,7 +192,9 @@ def test_regression_values(x64, name, want):
     if name == "pp2M":  # the public path gives the same numbers
         sch = schedules.vp_linear()
         model, params = analytic.as_denoiser(_gauss_1d(), sch)
-        y = jaxdiff.sample(jax.random.PRNGKey(0), model, params, sch, jnp.asarray(X01), sampler, 10)
+        x = jnp.asarray(X01)
+        key = jax.random.PRNGKey(0)
+        y = jaxdiff.sample(key, model, params, sch, x, sampler, 10, grid="log_snr")
         np.testing.assert_allclose(float(y[1, 0] - y[0, 0]) - A_STAR, want[0], rtol=1e-5)
 
 
@@ -292,8 +294,10 @@ def test_nfe_per_step_and_defaults():
     assert dpm_solver_pp(3).nfe_per_step == 1 and sde_dpm_solver_pp().nfe_per_step == 1
     assert dpm_solver_pp(3).third_order_coef == 2.0
     assert dpm_solver(2).r1 == 0.5 and (dpm_solver(3).r1, dpm_solver(3).r2) == (1 / 3, 2 / 3)
-    for s in [dpm_solver(), dpm_solver_pp(), sde_dpm_solver_pp()]:
+    for s in [dpm_solver(), dpm_solver_pp(2, "singlestep"), sde_dpm_solver_pp()]:
         assert s.default_grid == "log_snr" and s.min_steps == 1
+    # multistep: the budget-aware grid (jaxdiff.samplers.grids.budget_grid)
+    assert dpm_solver_pp().default_grid == "auto" and dpm_solver_pp().min_steps == 1
     assert sde_dpm_solver_pp().stochastic and not dpm_solver_pp().stochastic
     # numbers are leaves, options are static
     leaves = jax.tree_util.tree_leaves(dpm_solver_pp(3, third_order_coef=1.0))

@@ -238,7 +238,7 @@ def test_bad_input():
     # min_steps = 1 (warm-up by lower orders): steps=0 is rejected, steps=1 runs
     for sampler in (unipc(3), deis(3)):
         assert sampler.min_steps == 1 and sampler.nfe_per_step == 1
-        assert sampler.default_grid == "log_snr"
+        assert sampler.default_grid == "auto"  # per budget: jaxdiff.samplers.grids.budget_grid
         with pytest.raises(JaxdiffError, match="steps=0"):
             jaxdiff.sample(KEY, model, params, sch, (2, 2), sampler, 0)
 
