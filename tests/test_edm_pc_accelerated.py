@@ -91,7 +91,8 @@ def test_point_mass_exact_for_any_n(x64, sampler):
         lambda ts: samplers.solve(jax.random.PRNGKey(0), model, params, sch, x_T, ts, sampler)[0]
     )
     for n in (1, 2, 5):
-        ts = _pad(samplers.time_grid(sch, n, sampler.default_grid), 6)
+        kind = samplers.grids.default_kind(sch, sampler.default_grid, n)
+        ts = _pad(samplers.time_grid(sch, n, kind), 6)
         np.testing.assert_allclose(run(ts), exact, rtol=0, atol=1e-9, err_msg=f"N={n}")
 
 

@@ -37,6 +37,7 @@ from jaxdiff.samplers.grid_search import GridSearchResult, optimize_grid
 from jaxdiff.samplers.grids import GRIDS, check_grid, time_grid
 from jaxdiff.samplers.pc import PredictorCorrector, predictor_corrector
 from jaxdiff.samplers.processing import ThresholdedDenoiser, dynamic_threshold, threshold_x0
+from jaxdiff.samplers.solver_search import SolverSearchResult, search_solver
 from jaxdiff.samplers.unipc import UniPC, unipc
 
 __all__ = [
@@ -67,6 +68,8 @@ __all__ = [
     "threshold_x0",
     "GridSearchResult",
     "optimize_grid",
+    "SolverSearchResult",
+    "search_solver",
     "DEIS",
     "deis",
     "DPMSolver",

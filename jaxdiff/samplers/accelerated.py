@@ -15,11 +15,21 @@ differ. The score is ``s(x) = -eps_hat(x, s) / sigma_s``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from jaxdiff._checks import fail
-from jaxdiff.samplers.base import Kernel, Sampler, per_example_normal
+from jaxdiff.samplers.base import (
+    Kernel,
+    Sampler,
+    check_lower_order_final,
+    lower_order_cap,
+    per_example_normal,
+)
+from jaxdiff.samplers.grids import BudgetTable
 
 __all__ = [
     "AcceleratedODE",
@@ -76,17 +86,30 @@ class AcceleratedODE(Sampler):
     rho_t^2) ab_t ab_{t+1}``. Where ``alpha_bar_t == alpha_bar_{t+1}`` (a repeated grid value)
     the correction is set to 0 explicitly (the authors' code drops a NaN correction instead).
     1 NFE per step; the ``eps`` history lives in the state. Exact for point-mass data. VP only.
+
+    Few steps: the default grid on the DDPM discrete schedule (``VPDiscrete``) is uniform in t
+    up to 3 steps and quadratic in t beyond (at NFE 4-20 on a 64-D mixture and on a mixture on
+    a 4-dim subspace of R^64: 0.2-0.8x the uniform grid's error, docs/few_step.md); the
+    schedule's own spacing elsewhere. ``lower_order_final`` (``True``/``"auto"``/``False``, the
+    meaning DPM-Solver++, UniPC and DEIS give it) makes the last steps plain DDIM; default
+    ``False`` (measured: it does not help this method).
     """
+
+    lower_order_final: Any = struct.field(pytree_node=False, default=False)
+    default_grid = BudgetTable({"VPDiscrete": ((3, "uniform"), (None, "quadratic"))})
 
     def kernel(self, model, schedule):
         _check_vp(schedule, "accelerated_ode")
 
+        lof = check_lower_order_final(self.lower_order_final)
+
         def init(x, params, cond, ts):
             zero = jnp.zeros((), ts.dtype)
-            return x, jnp.zeros_like(x), zero, jnp.asarray(False)
+            cap = jnp.asarray(lower_order_cap(ts.shape[0] - 1, lof), jnp.int32)
+            return x, jnp.zeros_like(x), zero, jnp.asarray(False), jnp.zeros((), jnp.int32), cap
 
         def step(key, state, s, t, params, cond):
-            x, eps_prev, rho_prev, has_prev = state
+            x, eps_prev, rho_prev, has_prev, k, cap = state
             _, eps = model.x0_eps(params, x, s, cond, schedule)
             a_s, _ = schedule.alpha_sigma(s)
             a_t, _ = schedule.alpha_sigma(t)
@@ -99,10 +122,18 @@ class AcceleratedODE(Sampler):
             # ab_prev - ab_s = (rho_s^2 - rho_prev^2) ab_s ab_prev   (negative)
             ab_p = 1.0 / (1.0 + rho_prev**2)
             denom = (rho_s - rho_prev) * (rho_s + rho_prev) * ab_s * ab_p
-            use = has_prev & (rho_prev != rho_s)
+            # lower_order_final: step k of N is second order only while k < N - 1 (cap - k >= 2)
+            use = has_prev & (rho_prev != rho_s) & (cap - k >= 2)
             coef = jnp.where(use, a_t * integral / jnp.where(use, denom, 1.0), 0.0)
             x_next = ddim + coef * (eps_prev - eps)
-            new = (x_next.astype(x.dtype), eps.astype(x.dtype), rho_s, jnp.asarray(True))
+            new = (
+                x_next.astype(x.dtype),
+                eps.astype(x.dtype),
+                rho_s,
+                jnp.asarray(True),
+                k + 1,
+                cap,
+            )
             return new, {}
 
         return Kernel(init, step, lambda state: state[0])
@@ -187,10 +218,11 @@ class VanillaSDE(Sampler):
         return Kernel(init, step, lambda state: state[0])
 
 
-def accelerated_ode() -> AcceleratedODE:
+def accelerated_ode(lower_order_final=False) -> AcceleratedODE:
     """Li et al. accelerated ODE sampler (arXiv 2403.03852, README/code form; paper constants not
-    confirmed): DDIM + a two-step correction, order 2, VP schedules only."""
-    return AcceleratedODE()
+    confirmed): DDIM + a two-step correction, order 2, VP schedules only.
+    ``lower_order_final``: ``True``/``"auto"``/``False`` as for :func:`dpm_solver_pp`."""
+    return AcceleratedODE(lower_order_final=check_lower_order_final(lower_order_final))
 
 
 def accelerated_sde() -> AcceleratedSDE:

@@ -40,9 +40,13 @@ class EDMEuler(Sampler):
     First order. It equals DDIM (eta = 0, arXiv 2010.02502) on the same grid (samplers.md 7.1)
     and is exact for point-mass data. Source: Karras et al. arXiv 2206.00364 (Algorithm 1 without
     the second stage); k-diffusion ``sample_euler``.
+
+    Default grid: the schedule's own spacing (Karras on the EDM schedule, uniform in t on VP
+    schedules), as DDIM's, so that ``euler()`` and ``ddim()`` give the same numbers by default
+    (with the Karras grid on the DDPM discrete schedule it was 1.0-1.6x DDIM at NFE 3-20).
     """
 
-    default_grid = "karras"
+    default_grid = "uniform"
 
     def kernel(self, model, schedule):
         def init(x, params, cond, ts):

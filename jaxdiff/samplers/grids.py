@@ -18,6 +18,8 @@ from jaxdiff.schedules import Schedule
 __all__ = [
     "GRIDS",
     "BUDGET_GRIDS",
+    "BudgetTable",
+    "default_kind",
     "GridSpec",
     "budget_grid",
     "time_grid",
@@ -138,7 +140,7 @@ def check_grid(ts, schedule: Schedule, arg: str = "ts", min_steps: int = 1):
 #: R^64, DPM-Solver++ 2M and UniPC-3 with lower_order_final, NFE 2-20 (docs/few_step.md).
 #: Schedules not listed (VE, user schedules) use "log_snr" at every budget.
 BUDGET_GRIDS = {
-    "VPDiscrete": ((6, "uniform"), (14, "quadratic"), (None, "log_snr")),
+    "VPDiscrete": ((4, "uniform"), (14, "quadratic"), (None, "log_snr")),
     "VPLinear": ((6, "uniform"), (14, "quadratic"), (None, "log_snr")),
     "VPCosine": ((14, "karras"), (None, "log_snr")),
     "EDM": ((8, "karras"), (None, "log_snr")),
@@ -146,13 +148,37 @@ BUDGET_GRIDS = {
 }
 
 
-def budget_grid(schedule: Schedule, steps: int) -> str:
-    """The grid kind a multistep sampler uses by default for ``steps`` steps on ``schedule``
-    (:data:`BUDGET_GRIDS`; ``"log_snr"`` for schedules it does not list)."""
-    for max_steps, kind in BUDGET_GRIDS.get(type(schedule).__name__, ((None, "log_snr"),)):
+def budget_grid(schedule: Schedule, steps: int, table=None, fallback: str = "log_snr") -> str:
+    """The grid kind a sampler uses by default for ``steps`` steps on ``schedule``: the first
+    ``(max_steps, kind)`` row of ``table[type(schedule).__name__]`` with ``steps <= max_steps``
+    (``table``: default :data:`BUDGET_GRIDS`, the multistep samplers'; ``fallback`` for
+    schedules it does not list)."""
+    table = BUDGET_GRIDS if table is None else table
+    for max_steps, kind in table.get(type(schedule).__name__, ((None, fallback),)):
         if max_steps is None or steps <= max_steps:
             return kind
-    return "log_snr"
+    return fallback
+
+
+def default_kind(schedule: Schedule, default_grid, steps: int) -> str:
+    """The grid kind of a sampler's ``default_grid`` at ``steps`` steps: ``"auto"`` is
+    :func:`budget_grid`; a :class:`BudgetTable` its own table; ``"uniform"`` the schedule's own
+    default spacing."""
+    if isinstance(default_grid, BudgetTable):
+        if type(schedule).__name__ in default_grid.table:
+            return budget_grid(schedule, steps, default_grid.table)
+        default_grid = default_grid.fallback
+    if default_grid == "auto":
+        return budget_grid(schedule, steps)
+    return schedule.default_grid if default_grid == "uniform" else default_grid
+
+
+class BudgetTable(NamedTuple):
+    """A sampler's own budget table (a ``default_grid`` value): ``table`` as
+    :data:`BUDGET_GRIDS`, ``fallback`` the kind for unlisted schedules."""
+
+    table: dict
+    fallback: str = "uniform"
 
 
 def resolve_grid(
@@ -184,12 +210,7 @@ def resolve_grid(
     if steps is None:
         fail(steps_arg, steps, "an integer >= 1 (or pass ts=...)")
     steps = check_positive_int(steps_arg, steps, max(1, min_steps))
-    if grid is not None:
-        kind = grid
-    elif default_grid == "auto":
-        kind = budget_grid(schedule, steps)
-    else:
-        kind = schedule.default_grid if default_grid == "uniform" else default_grid
+    kind = grid if grid is not None else default_kind(schedule, default_grid, steps)
     _, t0, t1 = _check_grid_args(schedule, steps, kind, t_start, t_end, dtype, steps_arg)
     if deferred:
         return GridSpec(steps, kind, t0, t1)

@@ -27,9 +27,10 @@ import math
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
-from jaxdiff._checks import fail
+from jaxdiff._checks import fail, is_concrete
 from jaxdiff.samplers.base import (
     Kernel,
     Sampler,
@@ -107,6 +108,8 @@ class UniPC(Sampler):
     predict_x0: bool = struct.field(pytree_node=False, default=True)
     corrector: bool = struct.field(pytree_node=False, default=True)
     lower_order_final: Any = struct.field(pytree_node=False, default=True)
+    orders: Any = None
+    correctors: Any = None
     default_grid = "auto"  # per budget and schedule: jaxdiff.samplers.grids.budget_grid
 
     def kernel(self, model, schedule):
@@ -114,6 +117,8 @@ class UniPC(Sampler):
         lof = check_lower_order_final(self.lower_order_final)
         order = self.order
         data = self.predict_x0
+        orders, correctors = self.orders, self.correctors
+        use_corrector = self.corrector or correctors is not None
 
         def predict(params, x, t, cond):
             x0, eps = model.x0_eps(params, x, t, cond, schedule)
@@ -121,6 +126,10 @@ class UniPC(Sampler):
 
         def init(x, params, cond, ts):
             ts = jnp.asarray(ts)
+            n_steps = ts.shape[0] - 1
+            for arg, plan in (("orders", orders), ("correctors", correctors)):
+                if plan is not None and jnp.shape(plan) != (n_steps,):
+                    fail(arg, f"shape {jnp.shape(plan)}", f"shape ({n_steps},): one per step")
             lam0 = schedule.lam(ts[0])
             return {
                 "x": x,
@@ -181,7 +190,7 @@ class UniPC(Sampler):
             m_s, x0_s = predict(params, x, s, cond)  # the one model evaluation of this step
             a_end = schedule.alpha(t)
             zero, t = zero_noise_guard(schedule, s, t)
-            if self.corrector:
+            if use_corrector:
                 # correct the previous step (s_prev -> s) with the evaluation at its prediction
                 x_c = update(
                     state["x_prev"],
@@ -193,11 +202,17 @@ class UniPC(Sampler):
                     state["p_prev"],
                     m_s,
                 )
-                x = jnp.where(k > 0, x_c.astype(x.dtype), x)
+                do = k > 0
+                if correctors is not None:
+                    do = do & jnp.asarray(correctors)[jnp.maximum(k - 1, 0)].astype(bool)
+                x = jnp.where(do, x_c.astype(x.dtype), x)
             m_hist = jnp.concatenate([m_s[None], state["m_hist"][:-1]])
             lam_hist = jnp.concatenate([lam_s[None], lam_hist[:-1]])
             p = jnp.minimum(order, k + 1)
-            p = jnp.minimum(p, state["cap"] - k)  # lower_order_final
+            if orders is None:
+                p = jnp.minimum(p, state["cap"] - k)  # lower_order_final
+            else:
+                p = jnp.minimum(p, jnp.asarray(orders)[k].astype(jnp.int32))
             p = jnp.maximum(p, 1).astype(jnp.int32)
             x_t = update(x, lam_hist, m_hist, k, s, t, p, None)
             x_t = jnp.where(zero, a_end * x0_s, x_t)  # the h -> inf limit at sigma_t = 0
@@ -229,19 +244,40 @@ def unipc(
     predict_x0: bool = True,
     corrector: bool = True,
     lower_order_final=True,
+    orders=None,
+    correctors=None,
 ) -> UniPC:
     """UniPC sampler (Zhao et al., arXiv 2302.04867): UniP-``order`` predictor + UniC corrector.
 
     ``x_t^P = x~ - alpha_t B(h) sum_k a_k D_k`` (UniP, order ``p``), corrected with the model
     evaluation at ``x_t^P``: ``x_t^C = x~ - alpha_t B(h)(sum_k c_k D_k + c_p (M_t - M0))`` (UniC,
     order ``p + 1``), one model evaluation per step. ``unipc(1, corrector=False)`` is DDIM and
-    ``unipc(2, "bh2", corrector=False)`` is DPM-Solver++(2M). See :class:`UniPC`.
+    ``unipc(2, "bh2", corrector=False)`` is DPM-Solver++(2M). ``orders`` / ``correctors``: an
+    optional per-step plan ``(N,)`` (see :class:`UniPC`; its length fixes the step count).
     """
     _validate(order, solver_type)
+    plan = {}
+    for arg, val, kind in (("orders", orders, "integer"), ("correctors", correctors, "bool")):
+        if val is None:
+            plan[arg] = None
+            continue
+        arr = np.asarray(val) if is_concrete(val) else val
+        if jnp.ndim(arr) != 1:
+            fail(arg, f"shape {jnp.shape(arr)}", "a 1-D per-step array (N,)")
+        if is_concrete(val):
+            if kind == "integer" and not (
+                np.issubdtype(arr.dtype, np.integer) and np.all((arr >= 1) & (arr <= order))
+            ):
+                fail(arg, val, f"integers in [1, {order}] (order={order})")
+            if kind == "bool" and not (arr.dtype == bool or np.all((arr == 0) | (arr == 1))):
+                fail(arg, val, "booleans (or 0/1)")
+            arr = jnp.asarray(arr, jnp.int32)
+        plan[arg] = arr
     return UniPC(
         order=int(order),
         solver_type=solver_type,
         predict_x0=bool(predict_x0),
         corrector=bool(corrector),
         lower_order_final=check_lower_order_final(lower_order_final),
+        **plan,
     )
