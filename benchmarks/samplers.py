@@ -110,6 +110,8 @@ def our_rows(quick: bool):
         "EDM Heun": s.heun(),
         "EDM Euler": s.euler(),
         "Li accelerated ODE": s.accelerated_ode(),
+        "GHVB 2.8": s.ghvb(2.8),
+        "HB DPM-Solver++(2M)": s.heavy_ball(0.8),
     }
     if quick:
         rows = {k: rows[k] for k in ("DDIM", "DPM-Solver++(2M)", "UniPC-3")}

@@ -28,6 +28,8 @@ POINT_MASS = {
     "unipc3": samplers.unipc(3),
     "unipc2_noise": samplers.unipc(2, predict_x0=False),
     "deis3": samplers.deis(3),
+    "ghvb2.8": samplers.ghvb(2.8),
+    "heavy_ball": samplers.heavy_ball(),
     "heun": samplers.heun(),
     "euler": samplers.euler(),
     "accelerated_ode": samplers.accelerated_ode(),
@@ -201,6 +203,8 @@ MULTISTEP_DEFAULTS = {
     "unipc2": samplers.unipc(2),
     "unipc3": samplers.unipc(3),
     "deis3": samplers.deis(3),
+    "ghvb2.8": samplers.ghvb(2.8),
+    "heavy_ball": samplers.heavy_ball(),
 }
 OTHER_DEFAULTS = {
     "dpm2": samplers.dpm_solver(2),
@@ -245,7 +249,7 @@ def test_no_divergence_at_small_budgets(x64, sname, full):
     budgets = range(1, 11) if full else (1, 2, 3, 4, 5, 6, 8, 10)
     chosen = {**MULTISTEP_DEFAULTS, **OTHER_DEFAULTS}
     if not full:
-        chosen = {k: chosen[k] for k in ("pp2M", "unipc3", "heun", "dpm2", "dpm3")}
+        chosen = {k: chosen[k] for k in ("pp2M", "unipc3", "ghvb2.8", "heun", "dpm2", "dpm3")}
     ddim = {n: err(samplers.ddim(), n) for n in budgets}
     ratios = {}
     for name, smp in chosen.items():

@@ -1,6 +1,6 @@
 """Samplers: time grids, one scan driver, DDPM/DDIM, the exponential-integrator family
 (DPM-Solver, DPM-Solver++, UniPC, DEIS), EDM Heun/Euler, predictor-corrector, accelerated
-samplers, the diffrax bridge, x0 processing and time-grid search.
+samplers, momentum (GHVB, heavy ball), the diffrax bridge, x0 processing and time-grid search.
 
 Every sampler runs through :func:`jaxdiff.sample` (convenience) or :func:`solve` (pure).
 """
@@ -35,6 +35,7 @@ from jaxdiff.samplers.dpm_solver import (
 from jaxdiff.samplers.edm import EDMEuler, EDMHeun, euler, heun
 from jaxdiff.samplers.grid_search import GridSearchResult, optimize_grid
 from jaxdiff.samplers.grids import GRIDS, check_grid, time_grid
+from jaxdiff.samplers.momentum import GHVB, HeavyBall, ghvb, heavy_ball
 from jaxdiff.samplers.pc import PredictorCorrector, predictor_corrector
 from jaxdiff.samplers.processing import ThresholdedDenoiser, dynamic_threshold, threshold_x0
 from jaxdiff.samplers.solver_search import SolverSearchResult, search_solver
@@ -92,4 +93,8 @@ __all__ = [
     "heun",
     "PredictorCorrector",
     "predictor_corrector",
+    "GHVB",
+    "HeavyBall",
+    "ghvb",
+    "heavy_ball",
 ]
