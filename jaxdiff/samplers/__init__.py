@@ -1,6 +1,6 @@
 """Samplers: time grids, one scan driver, DDPM/DDIM, the exponential-integrator family
 (DPM-Solver, DPM-Solver++, UniPC, DEIS), EDM Heun/Euler, predictor-corrector, accelerated
-samplers, momentum (GHVB, heavy ball), the diffrax bridge, x0 processing and time-grid search.
+samplers, momentum (GHVB, heavy ball), time shift, the diffrax bridge, x0 processing and time-grid search.
 
 Every sampler runs through :func:`jaxdiff.sample` (convenience) or :func:`solve` (pure).
 """
@@ -39,6 +39,7 @@ from jaxdiff.samplers.momentum import GHVB, HeavyBall, ghvb, heavy_ball
 from jaxdiff.samplers.pc import PredictorCorrector, predictor_corrector
 from jaxdiff.samplers.processing import ThresholdedDenoiser, dynamic_threshold, threshold_x0
 from jaxdiff.samplers.solver_search import SolverSearchResult, search_solver
+from jaxdiff.samplers.time_shift import TimeShift, time_shift
 from jaxdiff.samplers.unipc import UniPC, unipc
 
 __all__ = [
@@ -97,4 +98,6 @@ __all__ = [
     "HeavyBall",
     "ghvb",
     "heavy_ball",
+    "TimeShift",
+    "time_shift",
 ]
