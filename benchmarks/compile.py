@@ -40,6 +40,9 @@ SAMPLERS = {
     "EDM Heun": samplers.heun,
     "Li accelerated ODE": samplers.accelerated_ode,
     "Li accelerated SDE": samplers.accelerated_sde,
+    "GHVB 2.8": samplers.ghvb,
+    "HB DPM-Solver++(2M)": samplers.heavy_ball,
+    "Time-shift DDIM": samplers.time_shift,
 }
 QUICK = ("DDIM", "DPM-Solver++(2M)", "UniPC-3", "DPM-Solver-3", "EDM Heun")
 

@@ -319,7 +319,7 @@ def test_nfe_per_step_and_defaults():
     # numbers are leaves, options are static
     leaves = jax.tree_util.tree_leaves(dpm_solver_pp(3, third_order_coef=1.0))
     assert 1.0 in leaves
-    assert jax.tree_util.tree_leaves(dpm_solver(3, r1=0.25)) == [0.25, 2 / 3]
+    assert jax.tree_util.tree_leaves(dpm_solver(3, r1=0.25)) == [0.25, 2 / 3, 1.0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ class _Times:
 
 
 #: steps with a larger log-SNR step ``h`` take DPM-Solver's data-prediction form (see DPMSolver)
-MAX_NOISE_FORM_H = 6.0
+MAX_NOISE_FORM_H = 1.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,14 +129,18 @@ class DPMSolver(Sampler):
     Large steps: the noise form multiplies the stage differences ``E(u, m) - E_s`` by
     ``sigma_t e^h``, which for a step from ``sigma_max`` explodes (one DPM-Solver-2 step on the
     DDPM discrete schedule, ``h = 9.7``: endpoint error 287x DDIM-2's on a 64-D mixture). A step
-    with ``h > MAX_NOISE_FORM_H = 6`` (``e^h > 400``) is taken in the data-prediction form of
-    the same order (DPM-Solver++ 2S/3S, arXiv 2211.01095 eq. 9 and App. B, bounded as ``h ->
-    inf``) instead: that single step is then 1.2x DDIM-2. Below NFE ~10 the noise form stays
-    2-13x worse than DDIM on that problem (docs/few_step.md): use :func:`dpm_solver_pp` there.
+    with ``h > max_noise_h`` (a leaf, default ``MAX_NOISE_FORM_H = 1``) is taken in the
+    data-prediction form of the same order (DPM-Solver++ 2S "midpoint" / 3S, arXiv 2211.01095
+    eq. 9 and App. B, bounded as ``h -> inf``), with the same stage times and model
+    evaluations. Measured with the exact noise predictor of an 8-D mixture, NFE 4-10, VP
+    discrete / EDM / VE: the threshold 6 left the noise form 2-37x DDIM's error at NFE 4-9; 1
+    gives 0.55-1.1x (docs/few_step.md). So on most grids below ~30 NFE the steps are data-form;
+    ``max_noise_h=float("inf")`` is the pure noise form of the paper.
     """
 
     r1: Any = 0.5
     r2: Any = 2.0 / 3.0
+    max_noise_h: Any = MAX_NOISE_FORM_H
     order: int = struct.field(pytree_node=False, default=2)
     default_grid = "log_snr"
     min_steps = 1
@@ -150,62 +154,91 @@ class DPMSolver(Sampler):
         _check_r(self.r1, self.r2, self.order)
         order = self.order
 
-        data_step = DPMSolverPP(r1=self.r1, r2=self.r2, order=order, variant="singlestep")
-        data_step = data_step._singlestep_kernel(model, schedule).step
-
         def init(x, params, cond, ts):
             return x
 
         def step(key, x, s, t, params, cond):
-            if order == 1:
-                return noise_step(x, s, t, params, cond), {}
-            # a step with e^h > e^MAX_NOISE_FORM_H multiplies the stage differences by e^h in
-            # the noise form; take the data-prediction form of the same order there
-            h = schedule.lam(t) - schedule.lam(s)
-            x_next = jax.lax.cond(
-                h > MAX_NOISE_FORM_H,
-                lambda: data_step(key, x, s, t, params, cond)[0],
-                lambda: noise_step(x, s, t, params, cond),
-            )
-            return x_next, {}
-
-        def noise_step(x, s, t, params, cond):
+            # One set of stages for both forms. A step with e^h > e^max_noise_h (the stage
+            # differences multiplied by sigma_t e^h in the noise form) takes the data-prediction
+            # form of the same order (DPM-Solver++ 2S "midpoint" / 3S) instead: each stage state is
+            # chosen with a `where` before the stage's single model evaluation (the two forms'
+            # first-order stage states agree), and the stages run as a scan over one traced
+            # model call (a lax.cond over the two forms traced 2 * order calls).
             a_end = schedule.alpha(t)
             zero, t = zero_noise_guard(schedule, s, t)
             c = _Times(schedule, s, t)
             h = c.h
-            x0_s, e_s = model.x0_eps(params, x, s, cond, schedule)
-            phi1 = jnp.expm1(h)
-            base = c.alpha_ratio * x - c.sig_t * phi1 * e_s
+            data = h > jnp.asarray(self.max_noise_h, h.dtype)
+            pick = lambda d, n: jnp.where(data, d, n).astype(x.dtype)  # noqa: E731
+            phi1 = jnp.expm1(h)  # noise form: e^h - 1
+            one_m = -jnp.expm1(-h)  # data form: 1 - e^{-h}
             if order == 1:
-                x_next = base
-            elif order == 2:
-                r1 = self.r1
-                m, _, sig_m, ar_m, _ = c.mid(r1)
-                u = (ar_m * x - sig_m * jnp.expm1(r1 * h) * e_s).astype(x.dtype)
-                _, e_m = model.x0_eps(params, u, m, cond, schedule)
-                x_next = base - (c.sig_t / (2.0 * r1)) * phi1 * (e_m - e_s)
+                d_s, e_s = model.x0_eps(params, x, s, cond, schedule)
+                x_next = c.alpha_ratio * x - c.sig_t * phi1 * e_s
+                x_next = jnp.where(zero, a_end * d_s, x_next)
+                return x_next.astype(x.dtype), {}
+            r1, r2 = self.r1, self.r2
+            m1, a_m1, sig_m1, ar_m1, sr_m1 = c.mid(r1)
+            if order == 2:
+                stage_t = jnp.stack([jnp.asarray(s, m1.dtype), m1])
             else:
-                r1, r2 = self.r1, self.r2
-                m1, _, sig_m1, ar_m1, _ = c.mid(r1)
-                m2, _, sig_m2, ar_m2, _ = c.mid(r2)
-                u1 = (ar_m1 * x - sig_m1 * jnp.expm1(r1 * h) * e_s).astype(x.dtype)
-                _, e_1 = model.x0_eps(params, u1, m1, cond, schedule)
+                m2, a_m2, sig_m2, ar_m2, sr_m2 = c.mid(r2)
+                stage_t = jnp.stack([jnp.asarray(s, m1.dtype), m1, m2])
                 phi1_r2 = jnp.expm1(r2 * h)
-                u2 = (
+                one_m2 = -jnp.expm1(-r2 * h)
+                phi2_r2 = 1.0 - one_m2 / (r2 * h)
+
+            def first(D, E):
+                return x
+
+            def second(D, E):
+                return pick(
+                    sr_m1 * x - a_m1 * jnp.expm1(-r1 * h) * D[0],
+                    ar_m1 * x - sig_m1 * jnp.expm1(r1 * h) * E[0],
+                )
+
+            def third(D, E):
+                return pick(
+                    sr_m2 * x + a_m2 * one_m2 * D[0] + a_m2 * (r2 / r1) * phi2_r2 * (D[1] - D[0]),
                     ar_m2 * x
-                    - sig_m2 * phi1_r2 * e_s
-                    - sig_m2 * (r2 / r1) * (phi1_r2 / (r2 * h) - 1.0) * (e_1 - e_s)
-                ).astype(x.dtype)
-                _, e_2 = model.x0_eps(params, u2, m2, cond, schedule)
-                x_next = base - (c.sig_t / r2) * (phi1 / h - 1.0) * (e_2 - e_s)
-            x_next = jnp.where(zero, a_end * x0_s, x_next)
-            return x_next.astype(x.dtype)
+                    - sig_m2 * phi1_r2 * E[0]
+                    - sig_m2 * (r2 / r1) * (phi1_r2 / (r2 * h) - 1.0) * (E[1] - E[0]),
+                )
+
+            # the stages as a scan with one traced model call: a singlestep method then compiles
+            # about like a one-call-per-step method (benchmarks/compile.py)
+            branches = (first, second, third)[:order]
+
+            def body(carry, i):
+                D, E = carry
+                u = jax.lax.switch(i, branches, D, E)
+                d, e = model.x0_eps(
+                    params, u, stage_t[i].astype(jnp.result_type(s)), cond, schedule
+                )
+                return (D.at[i].set(d.astype(x.dtype)), E.at[i].set(e.astype(x.dtype))), None
+
+            zeros = jnp.zeros((order, *x.shape), x.dtype)
+            (D, E), _ = jax.lax.scan(body, (zeros, zeros), jnp.arange(order))
+            d_s, e_s = D[0], E[0]
+            base_n = c.alpha_ratio * x - c.sig_t * phi1 * e_s
+            base_d = c.sigma_ratio * x + c.a_t * one_m * d_s
+            if order == 2:
+                x_next = pick(
+                    base_d + (c.a_t / (2.0 * r1)) * one_m * (D[1] - d_s),
+                    base_n - (c.sig_t / (2.0 * r1)) * phi1 * (E[1] - e_s),
+                )
+            else:
+                x_next = pick(
+                    base_d + (c.a_t / r2) * (1.0 - one_m / h) * (D[2] - d_s),
+                    base_n - (c.sig_t / r2) * (phi1 / h - 1.0) * (E[2] - e_s),
+                )
+            x_next = jnp.where(zero, a_end * d_s, x_next)
+            return x_next.astype(x.dtype), {}
 
         return Kernel(init, step, lambda x: x)
 
 
-def dpm_solver(order: int = 2, r1=None, r2=None) -> DPMSolver:
+def dpm_solver(order: int = 2, r1=None, r2=None, max_noise_h=MAX_NOISE_FORM_H) -> DPMSolver:
     """Singlestep noise-prediction DPM-Solver-1/2/3 (arXiv 2206.00927); see :class:`DPMSolver`.
 
     Args:
@@ -213,12 +246,16 @@ def dpm_solver(order: int = 2, r1=None, r2=None) -> DPMSolver:
       r1: position of the first intermediate stage in ``lambda`` (fraction of ``h``); default
         1/2 for order 2, 1/3 for order 3.
       r2: second stage for order 3 (default 2/3).
+      max_noise_h: steps with a larger log-SNR step ``h`` use the data-prediction form of the
+        same order (default 1; ``float("inf")``: always the noise form). See :class:`DPMSolver`.
     """
     _check_order(order, _ORDERS)
     r1 = (0.5 if order == 2 else 1.0 / 3.0) if r1 is None else r1
     r2 = 2.0 / 3.0 if r2 is None else r2
     _check_r(r1, r2, order)
-    return DPMSolver(r1=r1, r2=r2, order=order)
+    if is_concrete(max_noise_h) and not float(max_noise_h) > 0:
+        fail("max_noise_h", max_noise_h, 'a log-SNR step > 0 (float("inf"): the pure noise form)')
+    return DPMSolver(r1=r1, r2=r2, max_noise_h=max_noise_h, order=order)
 
 
 # ----------------------------------------------------------------------------------------------
