@@ -7,7 +7,7 @@ only runs. Compile seconds = first - second. Reported as seconds and as a ratio 
 same network and step count (the issue's bound: no sampler above 2x DDIM). Each step count
 compiles once, as a user's first call does.
 
-Usage: ``python benchmarks/compile.py [--quick] [--out benchmarks/results]``; prints a table,
+Usage: ``python benchmarks/compile.py [--quick] [--repeats 3] [--out benchmarks/results]`` (the median of ``--repeats`` compiles per entry); prints a table,
 writes ``compile.json`` and ``compile.png``. ``--quick``: the MLP, 10 steps, five samplers.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 
 import jax
@@ -61,7 +62,14 @@ def networks(quick):
     return out
 
 
-def compile_seconds(model, params, schedule, shape, sampler, steps):
+def compile_seconds(model, params, schedule, shape, sampler, steps, repeats=1):
+    """Median over ``repeats`` of (first-call minus second-call seconds, second-call seconds)."""
+    runs = [_compile_once(model, params, schedule, shape, sampler, steps) for _ in range(repeats)]
+    comps, secs = zip(*runs, strict=True)
+    return statistics.median(comps), statistics.median(secs)
+
+
+def _compile_once(model, params, schedule, shape, sampler, steps):
     jax.clear_caches()
     key = jax.random.PRNGKey(1)
     t0 = time.perf_counter()
@@ -77,6 +85,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="median of this many compiles (noise ~20-30%%)"
+    )
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     schedule = schedules.vp_discrete()
@@ -90,7 +101,9 @@ def main(argv=None):
         for steps in step_counts:
             base = None
             for name in names:
-                comp, run = compile_seconds(model, params, schedule, shape, SAMPLERS[name](), steps)
+                comp, run = compile_seconds(
+                    model, params, schedule, shape, SAMPLERS[name](), steps, args.repeats
+                )
                 base = comp if name == "DDIM" else base
                 rows.append(dict(network=net_name, sampler=name, steps=steps, compile=comp,
                                  run=run, ratio=comp / base))  # fmt: skip

@@ -85,10 +85,32 @@ def _weights(p, order, r, hh, b_h, phis, corrector):
     nodes = jnp.concatenate([r[: p - 1], jnp.ones((1,), dtype)])
     mat = jnp.stack([nodes**i for i in range(p)])  # R_{ik} = r_k^{i}, i = 0..p-1
     if corrector:
-        c = jnp.linalg.solve(mat, b)
+        c = _solve_small(mat, b)
         return w.at[: p - 1].set(c[: p - 1]).at[order - 1].set(c[p - 1])
-    a = jnp.linalg.solve(mat[: p - 1, : p - 1], b[: p - 1])
+    a = _solve_small(mat[: p - 1, : p - 1], b[: p - 1])
     return w.at[: p - 1].set(a)
+
+
+def _det(m):
+    n = m.shape[0]
+    if n == 1:
+        return m[0, 0]
+    if n == 2:
+        return m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0]
+    return (
+        m[0, 0] * (m[1, 1] * m[2, 2] - m[1, 2] * m[2, 1])
+        - m[0, 1] * (m[1, 0] * m[2, 2] - m[1, 2] * m[2, 0])
+        + m[0, 2] * (m[1, 0] * m[2, 1] - m[1, 1] * m[2, 0])
+    )
+
+
+def _solve_small(mat, b):
+    """``mat^{-1} b`` for the 1x1-3x3 Vandermonde systems of UniPC by Cramer's rule: plain
+    arithmetic, which compiles much faster on CPU than ``jnp.linalg.solve``'s LU calls (two
+    updates per step, each solving for every order of the plan)."""
+    det = _det(mat)
+    cols = [_det(mat.at[:, k].set(b)) for k in range(mat.shape[0])]
+    return jnp.stack(cols) / det
 
 
 class UniPC(Sampler):
