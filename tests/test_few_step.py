@@ -263,7 +263,8 @@ def test_no_divergence_at_small_budgets(x64, sname, full):
                 ratios[name, nfe] = err(smp, steps) / ddim[nfe]
     # no divergence. Worst measured (vp_discrete / edm / flow): EDM Heun 2.8x / 5.1x / 12.3x
     # (second order in sigma is not enough at these steps; docs/few_step.md), Li's accelerated
-    # ODE 3.7x at NFE 2 on vp_discrete, the singlestep methods 1.1x / 2.4x / 2.1x (one order-3
+    # ODE 3.7x at NFE 2 on vp_discrete before its lower_order_final="auto" default (now 1.0x),
+    # the singlestep methods 1.1x / 2.4x / 2.1x (one order-3
     # step from sigma_max on edm); the noise-form DPM-Solver, 2-37x with its old large-step
     # threshold h > 6, is now within 1.11x on vp_discrete (max_noise_h = 1)
     worst = sorted(ratios.items(), key=lambda kv: -kv[1])

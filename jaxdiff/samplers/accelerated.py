@@ -91,11 +91,14 @@ class AcceleratedODE(Sampler):
     up to 3 steps and quadratic in t beyond (at NFE 4-20 on a 64-D mixture and on a mixture on
     a 4-dim subspace of R^64: 0.2-0.8x the uniform grid's error, docs/few_step.md); the
     schedule's own spacing elsewhere. ``lower_order_final`` (``True``/``"auto"``/``False``, the
-    meaning DPM-Solver++, UniPC and DEIS give it) makes the last steps plain DDIM; default
-    ``False`` (measured: it does not help this method).
+    meaning DPM-Solver++, UniPC and DEIS give it) makes the last step plain DDIM; default
+    ``"auto"`` (below 10 steps). Measured on the 64-D mixture / the subspace mixture, vp_discrete,
+    256 independent draws, ratio to DDIM's mean error: without it NFE 2 / 3 were 6.6x / 7.1x and
+    1.6x / 1.0x, with it 1.0x / 0.75x and 1.0x / 0.70x; at NFE 4-5 it costs 0.50 -> 0.61 and
+    0.48 -> 0.50 (gmm64); from 10 steps on "auto" leaves the correction on every step.
     """
 
-    lower_order_final: Any = struct.field(pytree_node=False, default=False)
+    lower_order_final: Any = struct.field(pytree_node=False, default="auto")
     default_grid = BudgetTable({"VPDiscrete": ((3, "uniform"), (None, "quadratic"))})
 
     def kernel(self, model, schedule):
@@ -218,7 +221,7 @@ class VanillaSDE(Sampler):
         return Kernel(init, step, lambda state: state[0])
 
 
-def accelerated_ode(lower_order_final=False) -> AcceleratedODE:
+def accelerated_ode(lower_order_final="auto") -> AcceleratedODE:
     """Li et al. accelerated ODE sampler (arXiv 2403.03852, README/code form; paper constants not
     confirmed): DDIM + a two-step correction, order 2, VP schedules only.
     ``lower_order_final``: ``True``/``"auto"``/``False`` as for :func:`dpm_solver_pp`."""
