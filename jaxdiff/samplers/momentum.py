@@ -50,6 +50,7 @@ from jaxdiff.samplers.base import (
     lower_order_cap,
     zero_noise_guard,
 )
+from jaxdiff.samplers.dpm_solver import _first_differences
 
 __all__ = ["GHVB", "HeavyBall", "ghvb", "heavy_ball"]
 
@@ -217,8 +218,7 @@ class HeavyBall(Sampler):
             second = (n >= 1) & (jnp.maximum(state["cap"] - n, 1) >= 2)
             final = (n >= 1) & (state["cap"] - n < 2)  # lowered by lower_order_final ...
             beta = jnp.where(final, jnp.ones_like(beta), beta)  # ... takes no momentum
-            h0 = jnp.where(n >= 1, lam_s - state["lam1"].astype(tdt), h)
-            d1 = (m0 - state["m1"]) / (h0 / h).astype(x.dtype)
+            _, d1 = _first_differences(state, lam_s, h, m0, n)  # DPM-Solver++(2M)'s D1
             e_bar = jnp.where(second, m0 + 0.5 * d1, m0)
             v = jnp.where(n == 0, e_bar, (1 - beta) * state["v"] + beta * e_bar)
             x_new = (sig_t / sig_s) * x - a_t * jnp.expm1(-h) * v
